@@ -1,0 +1,370 @@
+"""The training loop behind ``gradreg train``: a ViT on CIFAR with any GR variant.
+
+One call of :func:`train` runs one configuration into one output folder:
+
+* ``config.json``: the resolved :class:`~gradreg.config.TrainConfig`;
+* ``metrics.jsonl``: a ``"kind": "epoch"`` record per epoch and a ``"kind": "step"``
+  record every ``log_every`` optimizer steps with the regularizer's per-step values;
+* ``summary.json``: final and best test error (fractions), rewritten after each epoch
+  with ``"finished"`` set at the end;
+* ``checkpoint.pt``: everything needed to continue, written atomically after each
+  epoch. With ``resume=True`` an interrupted run continues from it and ends with the
+  same numbers as an uninterrupted run on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import MetricsLog, load_checkpoint, read_metrics, save_checkpoint, truncate_metrics, write_json
+from .config import TrainConfig
+from .regularizer import GradientRegularizer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+
+# Settings that may differ between an interrupted run and its resumption.
+_RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for ``"auto"`` (CUDA when available, else CPU) or a device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"Invalid device: {name!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {name!r}, but CUDA is not available on this machine. Use --device cpu.")
+    return device
+
+
+def build_data(config: TrainConfig, device: torch.device):
+    """Load the train and test splits and return their loaders."""
+    from .data import BatchLoader, class_balanced_subset, load_cifar, resolve_data_dir
+
+    folder, chosen_by_user = resolve_data_dir(config.data_dir, name=config.dataset)
+    # Download only into the default cache folder, or when the user asks for it.
+    download = config.download or not chosen_by_user
+    train_set = load_cifar(config.dataset, folder, split="train", download=download)
+    test_set = load_cifar(config.dataset, folder, split="test", download=download)
+    if config.train_subset is not None and config.train_subset < len(train_set):
+        train_set = class_balanced_subset(train_set, config.train_subset, seed=config.seed)
+    if config.test_subset is not None and config.test_subset < len(test_set):
+        test_set = class_balanced_subset(test_set, config.test_subset, seed=config.seed)
+    logger.info("Data: %s from %s, %d train and %d test images", config.dataset, folder, len(train_set), len(test_set))
+
+    train_loader = BatchLoader(
+        train_set, config.batch_size, shuffle=True, augment=True, drop_last=True, seed=config.seed, device=device
+    )
+    test_loader = BatchLoader(
+        test_set, config.batch_size, shuffle=False, augment=False, drop_last=False, seed=config.seed, device=device
+    )
+    return train_loader, test_loader, train_set.num_classes
+
+
+def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """Return the GR-wrapped optimizer and its per-step learning-rate scheduler."""
+    from .optimizers import build_optimizer
+    from .schedules import build_lr_scheduler
+
+    base = build_optimizer(
+        config.optimizer,
+        model.parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        rmsprop_decay=config.rmsprop_decay,
+    )
+    optimizer = GradientRegularizer(
+        base,
+        r=config.r,
+        alpha=config.alpha,
+        warmup=config.gr_warmup,
+        warmup_steps=config.effective_gr_warmup_epochs * steps_per_epoch,
+        first_gradient=config.first_gradient,
+        max_grad_norm=config.max_grad_norm,
+        gr_probability=config.gr_probability,
+        model=model,
+        seed=config.seed,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        config.lr_schedule,
+        total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=config.warmup_epochs * steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> Tuple[float, float]:
+    """Return (mean cross-entropy, error rate) of the model over every batch of the loader."""
+    model.eval()
+    total_loss, total_wrong, total = 0.0, 0, 0
+    for images, labels in loader:
+        logits = model(images)
+        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        total_wrong += int((logits.argmax(dim=1) != labels).sum())
+        total += labels.numel()
+    return total_loss / total, total_wrong / total
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: Path) -> None:
+    current = config.to_dict()
+    different = sorted(
+        key for key in current if key not in _RESUME_FREE_SETTINGS and saved.get(key) != current[key]
+    )
+    if different:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in different)
+        raise ValueError(
+            f"Cannot resume from {path}: the settings differ from the interrupted run ({details}). "
+            "Resume with the same settings, or start a new run with another --out."
+        )
+
+
+class _EpochAccumulator:
+    """Running sums of one training epoch."""
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.wrong = 0
+        self.examples = 0
+        self.perturbed_loss_sum = 0.0
+        self.gr_steps = 0
+        self.skipped_steps = 0
+
+    def add(self, loss: float, wrong: int, batch_size: int, stats) -> None:
+        self.loss_sum += loss * batch_size
+        self.wrong += wrong
+        self.examples += batch_size
+        if stats.gr_applied:
+            self.gr_steps += 1
+            self.perturbed_loss_sum += stats.perturbed_loss
+        if stats.skipped:
+            self.skipped_steps += 1
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Train one configuration into ``config.out`` and return its summary."""
+    config.validate()
+    out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT_NAME
+    checkpoint: Optional[Dict[str, Any]] = None
+    if checkpoint_path.exists():
+        if not config.resume:
+            raise FileExistsError(
+                f"{checkpoint_path} already exists. Pass --resume to continue that run, "
+                "or choose another --out folder."
+            )
+        checkpoint = load_checkpoint(checkpoint_path)
+        _check_resumable(config, checkpoint["config"], checkpoint_path)
+        if checkpoint["epoch"] >= config.epochs and (out / SUMMARY_NAME).exists():
+            logger.info("Run in %s has already finished all %d epochs, so there is nothing to train.", out, config.epochs)
+            return read_summary(out)
+    elif config.resume:
+        logger.info("No checkpoint in %s, so the run starts from the beginning.", out)
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    from .models import create_model
+
+    train_loader, test_loader, num_classes = build_data(config, device)
+    model = create_model(
+        config.model,
+        num_classes=num_classes,
+        drop_rate=config.drop_rate,
+        attn_drop_rate=config.attn_drop_rate,
+        drop_path_rate=config.drop_path_rate,
+    ).to(device)
+    steps_per_epoch = len(train_loader)
+    optimizer, scheduler = build_optimization(config, model, steps_per_epoch)
+
+    start_epoch, best_error, best_epoch, elapsed = 0, math.inf, 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"]
+        best_error, best_epoch = checkpoint["best_test_error"], checkpoint["best_epoch"]
+        elapsed = checkpoint["wall_seconds"]
+        truncate_metrics(out / METRICS_NAME, lambda record: record.get("epoch", 0) <= start_epoch)
+        logger.info("Resuming %s after epoch %d of %d", out, start_epoch, config.epochs)
+    else:
+        (out / METRICS_NAME).unlink(missing_ok=True)
+        write_json(out / CONFIG_NAME, config.to_dict())
+
+    logger.info(
+        "Training %s (%d parameters) on %s for %d epochs of %d steps: optimizer %s, lr %g, "
+        "GR r=%g alpha=%g warmup=%s over %d steps",
+        config.model,
+        sum(p.numel() for p in model.parameters()),
+        device,
+        config.epochs,
+        steps_per_epoch,
+        config.optimizer,
+        config.lr,
+        config.r,
+        config.alpha,
+        config.gr_warmup,
+        optimizer.warmup_steps,
+    )
+
+    summary: Dict[str, Any] = read_summary(out) if checkpoint is not None and (out / SUMMARY_NAME).exists() else {}
+    with MetricsLog(out / METRICS_NAME) as metrics:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            totals = _train_one_epoch(config, model, optimizer, scheduler, train_loader, epoch, metrics)
+            test_loss, test_error = evaluate(model, test_loader)
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+
+            if test_error < best_error:
+                best_error, best_epoch = test_error, epoch
+            last = optimizer.last_step
+            record = {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": optimizer.step_count,
+                "train_loss": totals.loss_sum / totals.examples,
+                "train_error": totals.wrong / totals.examples,
+                "train_perturbed_loss": totals.perturbed_loss_sum / totals.gr_steps if totals.gr_steps else None,
+                "test_loss": test_loss,
+                "test_error": test_error,
+                "lr": last_lr(optimizer),
+                "r": last.r,
+                "alpha": last.alpha,
+                "gr_steps": totals.gr_steps,
+                "skipped_steps": totals.skipped_steps,
+                "seconds": seconds,
+            }
+            metrics.write(record)
+            logger.info(
+                "Epoch %d/%d: train loss %.4f error %.4f, test loss %.4f error %.4f, r %.4g alpha %.4g, "
+                "%d GR steps, %.1f s",
+                epoch, config.epochs, record["train_loss"], record["train_error"], test_loss, test_error,
+                last.r, last.alpha, totals.gr_steps, seconds,
+            )
+
+            summary = {
+                "finished": epoch == config.epochs,
+                "epochs_completed": epoch,
+                "final_test_error": test_error,
+                "final_test_loss": test_loss,
+                "final_train_loss": record["train_loss"],
+                "final_train_error": record["train_error"],
+                "best_test_error": best_error,
+                "best_epoch": best_epoch,
+                "steps": optimizer.step_count,
+                "wall_seconds": elapsed,
+                "device": str(device),
+                "gradreg_version": __version__,
+            }
+            save_checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "best_test_error": best_error,
+                    "best_epoch": best_epoch,
+                    "wall_seconds": elapsed,
+                    "config": config.to_dict(),
+                    "gradreg_version": __version__,
+                },
+                checkpoint_path,
+            )
+            write_json(out / SUMMARY_NAME, summary)
+
+    logger.info("Finished: final test error %.4f, best %.4f at epoch %d; results in %s",
+                summary["final_test_error"], best_error, best_epoch, out)
+    return summary
+
+
+def last_lr(optimizer: torch.optim.Optimizer) -> float:
+    """Return the learning rate of the first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _train_one_epoch(config, model, optimizer, scheduler, loader, epoch, metrics) -> _EpochAccumulator:
+    from tqdm.auto import tqdm
+
+    model.train()
+    loader.set_epoch(epoch - 1)
+    totals = _EpochAccumulator()
+    progress = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None, dynamic_ncols=True)
+    for images, labels in progress:
+        first_logits = []
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            if not first_logits:
+                first_logits.append(logits.detach())
+            return loss
+
+        lr = last_lr(optimizer)
+        optimizer.step(closure)
+        scheduler.step()
+
+        stats = optimizer.last_step
+        wrong = int((first_logits[0].argmax(dim=1) != labels).sum())
+        totals.add(stats.loss, wrong, labels.numel(), stats)
+        if config.log_every and stats.step % config.log_every == 0:
+            metrics.write({"kind": "step", "epoch": epoch, "lr": lr, **stats.as_dict()})
+        progress.set_postfix(loss=f"{stats.loss:.3f}", gr=int(stats.gr_applied), refresh=False)
+    progress.close()
+    return totals
+
+
+def read_summary(out: str | Path) -> Dict[str, Any]:
+    """Read ``summary.json`` of a run folder."""
+    return json.loads((Path(out) / SUMMARY_NAME).read_text())
+
+
+def read_run(out: str | Path) -> Dict[str, Any]:
+    """Read a run folder: its config, summary and metrics records."""
+    out = Path(out)
+    return {
+        "config": json.loads((out / CONFIG_NAME).read_text()),
+        "summary": read_summary(out),
+        "metrics": read_metrics(out / METRICS_NAME),
+    }
+
+
