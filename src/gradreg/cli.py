@@ -1,8 +1,10 @@
 """The ``gradreg`` command line.
 
-``gradreg train`` trains one configuration (see :mod:`gradreg.train`). Settings come
-from the defaults of :class:`~gradreg.config.TrainConfig`, then ``--config FILE``,
-then the flags given on the command line, which win.
+``gradreg train`` trains one configuration (see :mod:`gradreg.train`). Its settings come
+from the defaults of :class:`~gradreg.config.TrainConfig`, then ``--config FILE``, then
+the flags given on the command line, which win. ``gradreg study`` runs arms x seeds
+(:mod:`gradreg.study`) and ``gradreg report`` rebuilds tables and plots from finished
+runs (:mod:`gradreg.report`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--out", default=S, help=f"output folder (default: {d.out})")
     run.add_argument("--log-every", type=int, default=S, help=f"write a step record every N optimizer steps; 0 turns them off (default: {d.log_every})")
+    run.add_argument(
+        "--stats-every", type=int, default=S,
+        help=f"write optimizer statistics (m_hat, v_hat, psi, v_hat drift) every N steps; 0 turns them off (default: {d.stats_every})",
+    )
+    run.add_argument("--eval-every", type=int, default=S, help="evaluate on the test set every N epochs and after the last (default: 1)")
+    run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S, help="write no TensorBoard event files")
+    run.add_argument("--tag", default=S, help="label that groups this run in gradreg report (default: derived from the settings)")
     run.add_argument("--resume", action="store_true", default=S, help="continue the run in --out from its last checkpoint")
 
 
@@ -138,22 +147,43 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = resolve_train_config(args)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(out / "train.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(file_handler)
     try:
         summary = train(config)
     except KeyboardInterrupt:
-        logger.error("Interrupted. The last finished epoch is saved; continue with the same command and --resume.")
+        logger.error("Interrupted. The last finished epoch is saved, so run the same command with --resume to continue.")
         return 130
-    finally:
-        logging.getLogger().removeHandler(file_handler)
-        file_handler.close()
     print(
         f"final_test_error={summary['final_test_error']:.4f} best_test_error={summary['best_test_error']:.4f} out={out}"
     )
     return 0
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from .study import load_study_config, run_study
+
+    study = load_study_config(args.config, out=args.out, seeds=args.seeds, workers=args.workers)
+    if args.arms:
+        unknown = [arm for arm in args.arms if arm not in study.arms]
+        if unknown:
+            raise ValueError(f"Unknown arm(s) {', '.join(unknown)}. The study defines: {', '.join(study.arms)}.")
+        study.arms = {arm: study.arms[arm] for arm in args.arms}
+    if args.data_dir is not None:
+        study.train = {**study.train, "data_dir": args.data_dir}
+    if args.device is not None:
+        study.train = {**study.train, "device": args.device}
+    record = run_study(study)
+    failed = sum(run["status"] == "failed" for run in record["runs"])
+    print(f"runs={len(record['runs'])} failed={failed} results={Path(study.out) / 'results.md'}")
+    return 1 if failed else 0
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    out = Path(args.out) if args.out else Path(args.dirs[0])
+    rows = build_report(args.dirs, out)
+    print((out / "results.md").read_text(), end="")
+    return 0 if rows else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train one model with one GR variant", description=__doc__)
     add_train_arguments(train_parser)
     train_parser.set_defaults(handler=run_train)
+
+    study_parser = commands.add_parser(
+        "study",
+        help="run arms x seeds and compare them",
+        description="Run every arm of a study config for every seed, skip finished runs, resume "
+        "interrupted ones, and write results.csv, results.md and plots into the study folder.",
+    )
+    study_parser.add_argument("--config", required=True, metavar="FILE", help="study config (YAML or JSON), for example configs/study/cpu.yaml")
+    study_parser.add_argument("--out", help="study folder (default: the config's out)")
+    study_parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds to run (default: the config's seeds)")
+    study_parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms of the config")
+    study_parser.add_argument("--data-dir", help="data folder for every run (default: the config's, else $GRADREG_DATA_DIR)")
+    study_parser.add_argument("--device", help="device for every run: auto, cpu, cuda or cuda:N")
+    study_parser.add_argument("--workers", type=int, help="runs to train at the same time, each in its own process (default: the config's, else 1)")
+    study_parser.set_defaults(handler=run_study_command)
+
+    report_parser = commands.add_parser(
+        "report",
+        help="tables and plots from finished runs",
+        description="Collect the runs below the given folders (from gradreg study or gradreg train), group "
+        "them by arm, and write results.csv, results.md and PNG plots.",
+    )
+    report_parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders that contain run folders")
+    report_parser.add_argument("--out", help="where to write the report (default: the first DIR)")
+    report_parser.set_defaults(handler=run_report_command)
     return parser
 
 

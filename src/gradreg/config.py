@@ -68,6 +68,10 @@ class TrainConfig:
     device: str = "auto"
     out: str = "runs/train"
     log_every: int = 50
+    stats_every: int = 100
+    eval_every: int = 1
+    tensorboard: bool = True
+    tag: Optional[str] = None
     resume: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
@@ -103,6 +107,10 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("log_every", self.log_every, minimum=0)
+        _check_int("stats_every", self.stats_every, minimum=0)
+        _check_int("eval_every", self.eval_every, minimum=1)
+        if self.tag is not None and (not isinstance(self.tag, str) or not self.tag):
+            raise ValueError(f"Invalid tag: {self.tag!r}. Use a non-empty name such as 'zero_warmup'.")
 
         _check_number("lr", self.lr, low=0.0, low_open=True)
         _check_number("weight_decay", self.weight_decay, low=0.0)
@@ -119,7 +127,7 @@ class TrainConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        for name in ("download", "nesterov", "resume"):
+        for name in ("download", "nesterov", "resume", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}. Use true or false.")
         return self
@@ -141,8 +149,8 @@ def config_from_mapping(values: Mapping[str, Any], *, base: Optional[TrainConfig
     return config
 
 
-def load_config_file(path: str | Path, *, base: Optional[TrainConfig] = None) -> TrainConfig:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a :class:`TrainConfig`."""
+def read_mapping(path: Path) -> Dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file whose top level is a mapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: {path}. Pass the path of a YAML or JSON file, for example configs/cpu.yaml.")
@@ -167,7 +175,12 @@ def load_config_file(path: str | Path, *, base: Optional[TrainConfig] = None) ->
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"Invalid config file {path}: the top level must be a mapping of setting names to values.")
-    return config_from_mapping(values, base=base, source=str(path))
+    return values
+
+
+def load_config_file(path: str | Path, *, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Read a YAML or JSON training config file into a :class:`TrainConfig`."""
+    return config_from_mapping(read_mapping(Path(path)), base=base, source=str(path))
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import functional as F
 from .warmup import GRSchedule, build_gr_schedule, validate_gr_values
@@ -261,6 +263,8 @@ class GradientRegularizer(Optimizer):
         self.model = model
 
         self.step_count = 0
+        # An OrderedDict because RemovableHandle keeps a weak reference to it.
+        self._first_gradient_hooks: "OrderedDict[int, Callable[..., None]]" = OrderedDict()
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self.last_step: Optional[GRStepStats] = None
@@ -305,6 +309,18 @@ class GradientRegularizer(Optimizer):
         validate_gr_values(r_t, alpha_t, source=f"the GR schedule at step {t}")
         return float(r_t), float(alpha_t)
 
+    def register_first_gradient_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Register ``hook(optimizer, params, first_grads, first_norm)``, called after each first pass.
+
+        ``first_grads`` are the clean gradients g1 of ``params`` (the parameters that
+        received one), before mixing and clipping. The hook must not modify them.
+        Diagnostics use it to follow what the optimizer would have seen without GR.
+        Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._first_gradient_hooks)
+        self._first_gradient_hooks[handle.id] = hook
+        return handle
+
     def _draw_gr_step(self) -> bool:
         if self.gr_probability >= 1.0:
             return True
@@ -344,6 +360,8 @@ class GradientRegularizer(Optimizer):
         first_grads = [p.grad for p in with_grad]
         first_norm = float(F.global_norm(first_grads))
         first_finite = math.isfinite(first_norm)
+        for hook in self._first_gradient_hooks.values():
+            hook(self, with_grad, first_grads, first_norm)
 
         # Second pass at theta + r_t * g1 / ||g1||, only when it changes the result.
         run_second = gr_step and first_finite and r_t > 0.0 and alpha_t > 0.0 and first_norm > 0.0

@@ -27,6 +27,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import MetricsLog, load_checkpoint, read_metrics, save_checkpoint, truncate_metrics, write_json
 from .config import TrainConfig
+from .diagnostics import GRDiagnostics
 from .regularizer import GradientRegularizer
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 
 # Settings that may differ between an interrupted run and its resumption.
-_RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every"}
+_RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every", "tensorboard"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,11 +164,16 @@ class _EpochAccumulator:
         self.perturbed_loss_sum = 0.0
         self.gr_steps = 0
         self.skipped_steps = 0
+        self.steps = 0
+        self.grad_norm_sum = 0.0
 
     def add(self, loss: float, wrong: int, batch_size: int, stats) -> None:
         self.loss_sum += loss * batch_size
         self.wrong += wrong
         self.examples += batch_size
+        self.steps += 1
+        if not stats.skipped:
+            self.grad_norm_sum += stats.grad_norm_after_clip
         if stats.gr_applied:
             self.gr_steps += 1
             self.perturbed_loss_sum += stats.perturbed_loss
@@ -176,8 +182,25 @@ class _EpochAccumulator:
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
-    """Train one configuration into ``config.out`` and return its summary."""
+    """Train one configuration into ``config.out`` and return its summary.
+
+    Log messages of the run also go to ``train.log`` in the output folder.
+    """
     config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(out / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("gradreg")
+    package_logger.addHandler(file_handler)
+    try:
+        return _train(config)
+    finally:
+        package_logger.removeHandler(file_handler)
+        file_handler.close()
+
+
+def _train(config: TrainConfig) -> Dict[str, Any]:
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT_NAME
     checkpoint: Optional[Dict[str, Any]] = None
@@ -209,8 +232,11 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         attn_drop_rate=config.attn_drop_rate,
         drop_path_rate=config.drop_path_rate,
     ).to(device)
+    # Every arm of a study seed must start from these weights; the checksum shows it.
+    init_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     steps_per_epoch = len(train_loader)
     optimizer, scheduler = build_optimization(config, model, steps_per_epoch)
+    diagnostics = GRDiagnostics(optimizer, model=model, stats_every=config.stats_every)
 
     start_epoch, best_error, best_epoch, elapsed = 0, math.inf, 0, 0.0
     if checkpoint is not None:
@@ -218,6 +244,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         _set_rng_state(checkpoint["rng"])
+        diagnostics.load_state_dict(checkpoint["diagnostics"])
+        init_checksum = checkpoint["init_checksum"]
         start_epoch = checkpoint["epoch"]
         best_error, best_epoch = checkpoint["best_test_error"], checkpoint["best_epoch"]
         elapsed = checkpoint["wall_seconds"]
@@ -244,15 +272,19 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     )
 
     summary: Dict[str, Any] = read_summary(out) if checkpoint is not None and (out / SUMMARY_NAME).exists() else {}
+    writer = _tensorboard_writer(out) if config.tensorboard else None
+    test_loss, test_error = math.nan, math.nan
     with MetricsLog(out / METRICS_NAME) as metrics:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
-            totals = _train_one_epoch(config, model, optimizer, scheduler, train_loader, epoch, metrics)
-            test_loss, test_error = evaluate(model, test_loader)
+            totals = _train_one_epoch(config, model, optimizer, scheduler, diagnostics, train_loader, epoch, metrics, writer)
+            evaluated = epoch % config.eval_every == 0 or epoch == config.epochs
+            if evaluated:
+                test_loss, test_error = evaluate(model, test_loader)
             seconds = time.perf_counter() - started
             elapsed += seconds
 
-            if test_error < best_error:
+            if evaluated and test_error < best_error:
                 best_error, best_epoch = test_error, epoch
             last = optimizer.last_step
             record = {
@@ -262,24 +294,32 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 "train_loss": totals.loss_sum / totals.examples,
                 "train_error": totals.wrong / totals.examples,
                 "train_perturbed_loss": totals.perturbed_loss_sum / totals.gr_steps if totals.gr_steps else None,
-                "test_loss": test_loss,
-                "test_error": test_error,
+                "test_loss": test_loss if evaluated else None,
+                "test_error": test_error if evaluated else None,
                 "lr": last_lr(optimizer),
                 "r": last.r,
                 "alpha": last.alpha,
+                "grad_norm_mean": totals.grad_norm_sum / max(1, totals.steps - totals.skipped_steps),
+                "param_norm": float(_parameter_norm(model)),
                 "gr_steps": totals.gr_steps,
                 "skipped_steps": totals.skipped_steps,
                 "seconds": seconds,
             }
             metrics.write(record)
+            if writer is not None:
+                for key in ("train_loss", "train_error", "test_loss", "test_error", "grad_norm_mean", "param_norm"):
+                    if record[key] is not None:
+                        writer.add_scalar(f"epoch/{key}", record[key], epoch)
+                writer.flush()
             logger.info(
-                "Epoch %d/%d: train loss %.4f error %.4f, test loss %.4f error %.4f, r %.4g alpha %.4g, "
+                "Epoch %d/%d: train loss %.4f error %.4f, test loss %.4f error %.4f%s, r %.4g alpha %.4g, "
                 "%d GR steps, %.1f s",
                 epoch, config.epochs, record["train_loss"], record["train_error"], test_loss, test_error,
-                last.r, last.alpha, totals.gr_steps, seconds,
+                "" if evaluated else " (from an earlier epoch)", last.r, last.alpha, totals.gr_steps, seconds,
             )
 
             summary = {
+                "tag": config.tag,
                 "finished": epoch == config.epochs,
                 "epochs_completed": epoch,
                 "final_test_error": test_error,
@@ -289,6 +329,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 "best_test_error": best_error,
                 "best_epoch": best_epoch,
                 "steps": optimizer.step_count,
+                "init_checksum": init_checksum,
                 "wall_seconds": elapsed,
                 "device": str(device),
                 "gradreg_version": __version__,
@@ -300,6 +341,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
+                    "diagnostics": diagnostics.state_dict(),
+                    "init_checksum": init_checksum,
                     "best_test_error": best_error,
                     "best_epoch": best_epoch,
                     "wall_seconds": elapsed,
@@ -310,6 +353,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             )
             write_json(out / SUMMARY_NAME, summary)
 
+    if writer is not None:
+        writer.close()
+    diagnostics.close()
     logger.info("Finished: final test error %.4f, best %.4f at epoch %d; results in %s",
                 summary["final_test_error"], best_error, best_epoch, out)
     return summary
@@ -320,7 +366,41 @@ def last_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def _train_one_epoch(config, model, optimizer, scheduler, loader, epoch, metrics) -> _EpochAccumulator:
+def _parameter_norm(model: nn.Module) -> float:
+    from .functional import global_norm
+
+    return float(global_norm([p.detach() for p in model.parameters()]))
+
+
+def _tensorboard_writer(out: Path):
+    """Return a TensorBoard SummaryWriter for ``out/tensorboard``, or None when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed, so no event files are written: pip install tensorboard")
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _write_step(record: Dict[str, Any], epoch: int, metrics: MetricsLog, writer) -> None:
+    """Write a diagnostics record to metrics.jsonl (kinds "step" and "stats") and TensorBoard."""
+    stats = record.pop("stats", None)
+    step = record["step"]
+    metrics.write({"kind": "step", "epoch": epoch, **record})
+    if stats is not None:
+        metrics.write({"kind": "stats", "epoch": epoch, "step": step, **stats})
+    if writer is None:
+        return
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "step":
+            writer.add_scalar(f"step/{key}", value, step)
+    if stats is not None:
+        for key, value in stats["global"].items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"optimizer/{key}", value, step)
+
+
+def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, epoch, metrics, writer) -> _EpochAccumulator:
     from tqdm.auto import tqdm
 
     model.train()
@@ -339,15 +419,15 @@ def _train_one_epoch(config, model, optimizer, scheduler, loader, epoch, metrics
                 first_logits.append(logits.detach())
             return loss
 
-        lr = last_lr(optimizer)
         optimizer.step(closure)
+        record = diagnostics.after_step()
         scheduler.step()
 
         stats = optimizer.last_step
         wrong = int((first_logits[0].argmax(dim=1) != labels).sum())
         totals.add(stats.loss, wrong, labels.numel(), stats)
-        if config.log_every and stats.step % config.log_every == 0:
-            metrics.write({"kind": "step", "epoch": epoch, "lr": lr, **stats.as_dict()})
+        if "stats" in record or (config.log_every and stats.step % config.log_every == 0):
+            _write_step(record, epoch, metrics, writer)
         progress.set_postfix(loss=f"{stats.loss:.3f}", gr=int(stats.gr_applied), refresh=False)
     progress.close()
     return totals
