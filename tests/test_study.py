@@ -166,3 +166,12 @@ def test_aggregate_pairs_by_seed():
     assert by_arm["gr"]["diff_vs_adamw_pairs"] == 2
     assert by_arm["zero_warmup"]["diff_vs_gr_mean"] == pytest.approx(-5.0)
     assert by_arm["zero_warmup"]["diff_vs_gr_pairs"] == 1
+
+
+def test_known_arm_names_without_settings(tmp_path):
+    study = StudyConfig(out=str(tmp_path), seeds=[0], train={"epochs": 2, "warmup_epochs": 1},
+                        arms={"decoupled": {}, "exact": {}, "zero_warmup": {}})
+    configs = {arm: config for arm, _, config in study.plan()}
+    assert configs["decoupled"].decoupled is True
+    assert configs["exact"].gr_mode == "exact"
+    assert configs["zero_warmup"].gr_warmup == "zero"

@@ -168,3 +168,15 @@ def test_other_strategies_and_optimizers_run(cifar10_dir, tmp_path, strategy):
         assert records[-1]["alpha"] == pytest.approx(0.8)
     else:
         assert all(r["alpha"] == 0.8 for r in records)
+
+
+@pytest.mark.parametrize("overrides", [dict(gr_mode="exact"), dict(decoupled=True)])
+def test_exact_and_decoupled_modes_train(cifar10_dir, tmp_path, overrides):
+    out = tmp_path / "run"
+    config = small_config(cifar10_dir, out, train_subset=100, test_subset=50, gr_warmup="none", **overrides)
+    summary = train_module.train(config)
+    assert summary["finished"]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(s["gr_applied"] for s in steps)
+    expected_calls = 1 if overrides.get("gr_mode") == "exact" else 2
+    assert all(s["closure_calls"] == expected_calls for s in steps)

@@ -114,6 +114,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"clip the mixed gradient to this global L2 norm; 0 or none turns clipping off (default: {d.max_grad_norm:g})",
     )
     gr.add_argument("--gr-probability", type=float, default=S, help="probability that a step is a GR step (default: 1)")
+    gr.add_argument(
+        "--gr-mode",
+        choices=("finite_difference", "exact"),
+        default=S,
+        help="finite_difference: a second pass at the perturbed point; exact: double back-propagation (default: finite_difference)",
+    )
+    gr.add_argument(
+        "--decoupled", type=_boolean, metavar="BOOL", default=S,
+        help="feed the optimizer the clean gradient and apply the GR term outside its preconditioner (default: false)",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=S, help=f"seed of the weights, data order and augmentation (default: {d.seed})")

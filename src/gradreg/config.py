@@ -20,6 +20,7 @@ DATASETS = ("cifar10", "cifar100")
 OPTIMIZER_NAMES = ("adamw", "adam", "rmsprop", "sgd")
 LR_SCHEDULES = ("warmup_cosine", "multiplicative", "constant")
 FIRST_GRADIENT_MODES = ("raw", "normalized")
+GR_MODES = ("finite_difference", "exact")
 
 
 @dataclasses.dataclass
@@ -62,6 +63,8 @@ class TrainConfig:
     first_gradient: str = "raw"
     max_grad_norm: Optional[float] = 5.0
     gr_probability: float = 1.0
+    gr_mode: str = "finite_difference"
+    decoupled: bool = False
 
     # Run.
     seed: int = 0
@@ -89,6 +92,7 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("gr_warmup", self.gr_warmup, WARMUP_STRATEGIES)
         _check_choice("first_gradient", self.first_gradient, FIRST_GRADIENT_MODES)
+        _check_choice("gr_mode", self.gr_mode, GR_MODES)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"Invalid model: {self.model!r}. Use a preset such as 'vit_ti' or a timm model name.")
 
@@ -127,9 +131,14 @@ class TrainConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        for name in ("download", "nesterov", "resume", "tensorboard"):
+        for name in ("download", "nesterov", "resume", "tensorboard", "decoupled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}. Use true or false.")
+        if self.first_gradient == "normalized" and (self.decoupled or self.gr_mode == "exact"):
+            raise ValueError(
+                "Invalid first_gradient: 'normalized' works with the coupled finite-difference step only. "
+                "Use first_gradient raw with decoupled or gr_mode exact."
+            )
         return self
 
 

@@ -19,6 +19,26 @@ from .warmup import GRSchedule, build_gr_schedule, validate_gr_values
 logger = logging.getLogger(__name__)
 
 FIRST_GRADIENT_MODES = ("raw", "normalized")
+MODES = ("finite_difference", "exact")
+PENALTIES = ("norm", "squared_norm")
+GROUP_KEYS = ("gr_r", "gr_alpha", "gr_perturb")
+"""Parameter-group keys read by the regularizer: the group's target r and alpha, and
+whether its parameters are moved by the perturbation (default True)."""
+
+
+def validate_group_settings(group: Dict[str, Any]) -> None:
+    """Raise ValueError on an unknown ``gr_*`` key or an invalid per-group value."""
+    for key, value in group.items():
+        if not key.startswith("gr_"):
+            continue
+        if key not in GROUP_KEYS:
+            raise ValueError(f"Unknown parameter-group key {key!r}. The regularizer reads {', '.join(GROUP_KEYS)}.")
+        if key == "gr_perturb" and not isinstance(value, bool):
+            raise ValueError(f"Invalid gr_perturb: {value!r} in a parameter group. Use True or False.")
+    try:
+        validate_gr_values(group.get("gr_r", 0.0), group.get("gr_alpha", 0.0))
+    except ValueError as error:
+        raise ValueError(f"{error} The value is a parameter group's gr_r or gr_alpha.") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +79,22 @@ class GRStepStats:
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _GradientResult:
+    """What the gradient phase of one step produced, before clipping and the update."""
+
+    params: List[Tensor]
+    loss: Any
+    first_norm: float
+    perturbed_loss: Any = None
+    second_norm: float = math.nan
+    cosine: float = math.nan
+    gr_applied: bool = False
+    closure_calls: int = 1
+    decoupled_terms: Optional[List[Tensor]] = None
+    gr_term_norm: float = 0.0
 
 
 class _RNGState:
@@ -176,10 +212,31 @@ class GradientRegularizer(Optimizer):
             compiled.
         seed: the seed of the hybrid-training generator; ``None`` takes
             ``torch.initial_seed()``.
+        mode: ``"finite_difference"`` (default, two passes) or ``"exact"``, which
+            computes grad L + alpha_t * r_t * H g1/||g1|| by double back-propagation
+            in one forward pass and two backward passes. It is the ground truth that
+            the finite difference approximates, and the finite difference is exact
+            on a quadratic loss.
+        penalty: with ``mode="exact"``, ``"norm"`` differentiates
+            L + lambda ||grad L|| and ``"squared_norm"`` differentiates
+            L + lambda/2 ||grad L||^2 (the Hessian term becomes lambda H g1).
+        decoupled: feed the wrapped optimizer the clean gradient g1 only, and apply
+            the GR term d = alpha_t (g2 - g1) (exact mode: alpha_t r_t H g1/||g1||)
+            after its step as theta <- theta - lr * d, outside its preconditioner.
+            Clipping applies to g1. An alternative to GR warmup: Adam's moments then
+            never see the GR term.
+
+    Per-group settings: a parameter group may set ``gr_r`` and ``gr_alpha`` (target
+    values that follow the warmup in proportion) and ``gr_perturb=False`` (the group is
+    not moved in the second pass, for example biases and normalisation weights). The
+    unit direction g1/||g1|| is then normalised over the perturbed groups only. Any
+    other ``gr_*`` key raises ValueError.
 
     The closure passed to :meth:`step` clears the gradients, evaluates the model,
     calls ``backward()`` and returns the loss, as for :class:`torch.optim.LBFGS`. It
-    runs once at theta and once at the perturbed point. Both runs see the same
+    runs once at theta and once at the perturbed point. In ``mode="exact"`` it returns
+    the loss tensor without calling ``backward()``, and a closure that calls it raises
+    ValueError. Both finite-difference runs see the same
     dropout and drop-path masks because the CPU and CUDA generator states are replayed.
 
     Non-finite and zero gradients: a non-finite ||g1|| or a non-finite mixed gradient
@@ -217,6 +274,9 @@ class GradientRegularizer(Optimizer):
         gr_probability: float = 1.0,
         model: Optional[nn.Module] = None,
         seed: Optional[int] = None,
+        mode: str = "finite_difference",
+        penalty: str = "norm",
+        decoupled: bool = False,
     ) -> None:
         if isinstance(optimizer, GradientRegularizer):
             raise ValueError("Invalid optimizer: it is already a GradientRegularizer. Wrap the plain optimizer once.")
@@ -245,6 +305,21 @@ class GradientRegularizer(Optimizer):
             raise ValueError(f"Invalid gr_probability: {gr_probability!r}. Use a number in (0, 1].")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} is not a torch.nn.Module.")
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r}. Use 'finite_difference' or 'exact'.")
+        if penalty not in PENALTIES:
+            raise ValueError(f"Invalid penalty: {penalty!r}. Use 'norm' or 'squared_norm'.")
+        if penalty == "squared_norm" and mode != "exact":
+            raise ValueError("Invalid penalty: 'squared_norm' needs mode='exact'; the finite difference approximates the norm penalty.")
+        if not isinstance(decoupled, bool):
+            raise ValueError(f"Invalid decoupled: {decoupled!r}. Use True or False.")
+        if first_gradient == "normalized" and (decoupled or mode == "exact"):
+            raise ValueError(
+                "Invalid first_gradient: 'normalized' applies to the coupled finite-difference step only. "
+                "Use first_gradient='raw' with decoupled=True or mode='exact'."
+            )
+        for group in optimizer.param_groups:
+            validate_group_settings(group)
 
         # The base optimizer owns param_groups and state; the properties below forward
         # to it, and Optimizer.__init__'s own bookkeeping of groups is ignored.
@@ -261,6 +336,9 @@ class GradientRegularizer(Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.gr_probability = float(gr_probability)
         self.model = model
+        self.mode = mode
+        self.penalty = penalty
+        self.decoupled = decoupled
 
         self.step_count = 0
         # An OrderedDict because RemovableHandle keeps a weak reference to it.
@@ -290,15 +368,17 @@ class GradientRegularizer(Optimizer):
             self.base_optimizer.state = value
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a parameter group to the wrapped optimizer."""
+        """Add a parameter group to the wrapped optimizer; ``gr_*`` keys are checked first."""
         if not self._initializing:
+            validate_group_settings(param_group)
             self.base_optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
         return (
             f"GradientRegularizer(r={self.r}, alpha={self.alpha}, warmup={self.warmup!r}, "
             f"warmup_steps={self.warmup_steps}, first_gradient={self.first_gradient!r}, "
-            f"max_grad_norm={self.max_grad_norm}, gr_probability={self.gr_probability},\n"
+            f"max_grad_norm={self.max_grad_norm}, gr_probability={self.gr_probability}, mode={self.mode!r}, "
+            f"penalty={self.penalty!r}, decoupled={self.decoupled},\n"
             f"  base_optimizer={self.base_optimizer!r})"
         )
 
@@ -326,13 +406,29 @@ class GradientRegularizer(Optimizer):
             return True
         return bool(torch.rand((), generator=self.generator).item() < self.gr_probability)
 
+    def _group_settings(self, r_t: float, alpha_t: float) -> List[Tuple[float, float, bool]]:
+        """Return (r, alpha, perturbed) of every parameter group for this step.
+
+        A group's own ``gr_r`` / ``gr_alpha`` follow the warmup by the ratio of the
+        scheduled value to the target value. Without them the group uses (r_t, alpha_t).
+        """
+        r_ratio = r_t / self.r if self.r > 0 else 1.0
+        alpha_ratio = alpha_t / self.alpha if self.alpha > 0 else 1.0
+        settings = []
+        for group in self.param_groups:
+            group_r = group["gr_r"] * r_ratio if "gr_r" in group else r_t
+            group_alpha = min(1.0, group["gr_alpha"] * alpha_ratio) if "gr_alpha" in group else alpha_t
+            settings.append((group_r, group_alpha, bool(group.get("gr_perturb", True))))
+        return settings
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Run one GR step and return the closure's loss at theta.
 
         Args:
             closure: clears the gradients, evaluates the model, calls ``backward()``
-                and returns the loss. Required.
+                and returns the loss. In ``mode="exact"`` it returns the loss without
+                calling ``backward()``. Required.
         """
         if closure is None:
             raise ValueError(
@@ -344,137 +440,227 @@ class GradientRegularizer(Optimizer):
         r_t, alpha_t = self.gr_values(t)
         drawn_gr = self._draw_gr_step()
         gr_step = drawn_gr and not (r_t == 0.0 and alpha_t == 0.0)
-        params = [p for group in self.param_groups for p in group["params"]]
-        cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        settings = self._group_settings(r_t, alpha_t)
 
-        # First pass at theta.
-        rng_before = _RNGState(cuda_devices)
-        with torch.enable_grad():
-            loss = closure()
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
-            raise RuntimeError(
-                "The closure produced no gradients. Call loss.backward() inside the closure, "
-                "and check that the optimizer holds the model's parameters."
-            )
-        first_grads = [p.grad for p in with_grad]
-        first_norm = float(F.global_norm(first_grads))
-        first_finite = math.isfinite(first_norm)
-        for hook in self._first_gradient_hooks.values():
-            hook(self, with_grad, first_grads, first_norm)
+        if self.mode == "exact":
+            result = self._exact_gradients(closure, settings, gr_step)
+        else:
+            result = self._finite_difference_gradients(closure, settings, gr_step)
 
-        # Second pass at theta + r_t * g1 / ||g1||, only when it changes the result.
-        run_second = gr_step and first_finite and r_t > 0.0 and alpha_t > 0.0 and first_norm > 0.0
-        perturbed_loss: Any = None
-        second_grads = first_grads
-        if run_second:
-            second_grads, perturbed_loss = self._second_pass(closure, with_grad, first_grads, r_t / first_norm, rng_before, cuda_devices)
-
-        # Mix into the tensors the optimizer reads.
-        second_norm = F.global_norm(second_grads) if run_second else torch.tensor(math.nan)
-        cosine_numerator = F.global_dot(first_grads, second_grads) if run_second else torch.tensor(math.nan)
-        if gr_step and first_finite:
-            coefficient = F.first_gradient_coefficient(alpha_t, self.first_gradient, first_norm)
-            if run_second:
-                F.mix_gradients_(second_grads, first_grads, alpha=alpha_t, first_coefficient=coefficient)
-            elif self.first_gradient == "normalized":
-                # g2 = g1, so g = (c + alpha) * g1; in raw mode c + alpha = 1 exactly.
-                F.scale_(first_grads, coefficient + alpha_t)
-        mixed_grads = second_grads
-        del first_grads
-
-        # Clip, check and update.
-        before_clip = float(F.global_norm(mixed_grads))
+        # Clip what the optimizer receives, check, update.
+        received = [p.grad for p in result.params]
+        before_clip = float(F.global_norm(received))
         factor = F.clip_coefficient(before_clip, self.max_grad_norm)
-        F.scale_(mixed_grads, factor)
-        skipped = not math.isfinite(before_clip)
+        F.scale_(received, factor)
+        skipped = not math.isfinite(before_clip) or not math.isfinite(result.gr_term_norm)
         if skipped:
             logger.warning(
-                "Skipped update at GR step %d: the gradient norm is not finite (||g1|| = %s, ||g|| = %s).",
-                t,
-                first_norm,
-                before_clip,
+                "Skipped update at GR step %d: a gradient is not finite (||g1|| = %s, ||g|| = %s).",
+                t, result.first_norm, before_clip,
             )
         else:
             self.base_optimizer.step()
+            if result.decoupled_terms is not None:
+                self._apply_decoupled_terms(result.params, result.decoupled_terms)
             self.step_count += 1
 
-        self.last_step = self._record(
-            t, r_t, alpha_t, gr_step, run_second, loss, perturbed_loss, first_norm, second_norm,
-            cosine_numerator, before_clip, before_clip * factor, skipped,
-        )
-        return loss
-
-    def _second_pass(
-        self,
-        closure: Callable[[], Any],
-        params: List[Tensor],
-        first_grads: List[Tensor],
-        scale: float,
-        rng_before: _RNGState,
-        cuda_devices: List[int],
-    ) -> Tuple[List[Tensor], Any]:
-        """Evaluate the closure at theta + scale * g1 and return (g2, loss there).
-
-        Theta is restored bit for bit from a copy. The first gradients stay alive in
-        ``first_grads`` because ``p.grad`` is set to None before the closure, so its
-        backward writes fresh tensors even if it zeroes gradients in place.
-        """
-        rng_after_first = _RNGState(cuda_devices)
-        backup = F.backup_parameters(params)
-        F.perturb_parameters_(params, first_grads, scale)
-        for p in params:
-            p.grad = None
-
-        rng_before.restore()
-        with _FrozenNormStatistics(self.model), torch.enable_grad():
-            perturbed_loss = closure()
-        rng_after_first.restore()
-        F.restore_parameters_(params, backup)
-
-        second_grads = []
-        for p, g1 in zip(params, first_grads):
-            if p.grad is None:
-                # A parameter unused at the perturbed point has a zero gradient there.
-                p.grad = torch.zeros_like(g1)
-            second_grads.append(p.grad)
-        return second_grads, perturbed_loss
-
-    def _record(
-        self,
-        t: int,
-        r_t: float,
-        alpha_t: float,
-        gr_step: bool,
-        ran_second: bool,
-        loss: Any,
-        perturbed_loss: Any,
-        first_norm: float,
-        second_norm: Tensor,
-        dot: Tensor,
-        before_clip: float,
-        after_clip: float,
-        skipped: bool,
-    ) -> GRStepStats:
-        second = float(second_norm)
-        cosine = float(dot) / (first_norm * second) if ran_second and first_norm * second > 0 else math.nan
-        return GRStepStats(
+        self.last_step = GRStepStats(
             step=t,
             r=r_t if gr_step else 0.0,
             alpha=alpha_t if gr_step else 0.0,
             lam=r_t * alpha_t if gr_step else 0.0,
             gr_step=gr_step,
-            gr_applied=ran_second,
-            closure_calls=2 if ran_second else 1,
-            loss=_to_float(loss),
-            perturbed_loss=_to_float(perturbed_loss),
-            grad_norm_first=first_norm,
-            grad_norm_second=second,
-            cosine=cosine,
+            gr_applied=result.gr_applied,
+            closure_calls=result.closure_calls,
+            loss=_to_float(result.loss),
+            perturbed_loss=_to_float(result.perturbed_loss),
+            grad_norm_first=result.first_norm,
+            grad_norm_second=result.second_norm,
+            cosine=result.cosine,
             grad_norm_before_clip=before_clip,
-            grad_norm_after_clip=after_clip,
+            grad_norm_after_clip=before_clip * factor,
             skipped=skipped,
         )
+        return result.loss
+
+    def _params_by_group(self) -> List[List[Tensor]]:
+        return [list(group["params"]) for group in self.param_groups]
+
+    def _first_pass_done(self, with_grad: List[Tensor], first_grads: List[Tensor]) -> float:
+        if not with_grad:
+            raise RuntimeError(
+                "The closure produced no gradients. Call loss.backward() inside the closure, "
+                "and check that the optimizer holds the model's parameters."
+            )
+        first_norm = float(F.global_norm(first_grads))
+        for hook in self._first_gradient_hooks.values():
+            hook(self, with_grad, first_grads, first_norm)
+        return first_norm
+
+    def _finite_difference_gradients(self, closure, settings, gr_step: bool) -> "_GradientResult":
+        """g = (1 - alpha) g1 + alpha g2 with g2 at theta + r g1 / ||g1||, written into ``p.grad``."""
+        groups = self._params_by_group()
+        cuda_devices = sorted({p.device.index or 0 for ps in groups for p in ps if p.device.type == "cuda"})
+
+        # First pass at theta.
+        rng_before = _RNGState(cuda_devices)
+        with torch.enable_grad():
+            loss = closure()
+        grouped = [[p for p in ps if p.grad is not None] for ps in groups]
+        with_grad = [p for ps in grouped for p in ps]
+        first_grads = [p.grad for p in with_grad]
+        first_norm = self._first_pass_done(with_grad, first_grads)
+
+        # The unit direction is taken over the perturbed groups only.
+        perturbed = [p.grad for ps, (_, _, on) in zip(grouped, settings) if on for p in ps]
+        direction_norm = float(F.global_norm(perturbed)) if len(perturbed) < len(with_grad) else first_norm
+        moves = any(on and r > 0.0 and ps for ps, (r, _, on) in zip(grouped, settings))
+        mixes = any(alpha > 0.0 and ps for ps, (_, alpha, _) in zip(grouped, settings))
+        run_second = gr_step and math.isfinite(first_norm) and direction_norm > 0.0 and moves and mixes
+
+        # Second pass at the perturbed point.
+        result = _GradientResult(params=with_grad, loss=loss, first_norm=first_norm)
+        if not run_second:
+            self._mix_without_second_pass(grouped, settings, gr_step, direction_norm, result)
+            return result
+        rng_after_first = _RNGState(cuda_devices)
+        backup = F.backup_parameters(with_grad)
+        for ps, (r, _, on) in zip(grouped, settings):
+            if on and ps:
+                F.perturb_parameters_(ps, [p.grad for p in ps], r / direction_norm)
+        first_by_param = {p: p.grad for p in with_grad}
+        for p in with_grad:
+            p.grad = None
+
+        rng_before.restore()
+        with _FrozenNormStatistics(self.model), torch.enable_grad():
+            result.perturbed_loss = closure()
+        rng_after_first.restore()
+        F.restore_parameters_(with_grad, backup)
+        del backup
+
+        for p in with_grad:
+            if p.grad is None:
+                # A parameter unused at the perturbed point has a zero gradient there.
+                p.grad = torch.zeros_like(first_by_param[p])
+        second_grads = [p.grad for p in with_grad]
+        result.gr_applied, result.closure_calls = True, 2
+        result.second_norm = float(F.global_norm(second_grads))
+        if first_norm * result.second_norm > 0:
+            result.cosine = float(F.global_dot(first_grads, second_grads)) / (first_norm * result.second_norm)
+
+        # Mix group by group into the second gradients, which the optimizer then reads.
+        if self.decoupled:
+            result.decoupled_terms = []
+        for ps, (_, alpha, _) in zip(grouped, settings):
+            if not ps:
+                continue
+            firsts, seconds = [first_by_param[p] for p in ps], [p.grad for p in ps]
+            if self.decoupled:
+                # The optimizer sees g1; the GR term alpha * (g2 - g1) is applied after it.
+                F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=-alpha)
+                result.decoupled_terms += seconds
+                for p, first in zip(ps, firsts):
+                    p.grad = first
+            else:
+                coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, direction_norm)
+                F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=coefficient)
+        if result.decoupled_terms is not None:
+            result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
+        return result
+
+    def _mix_without_second_pass(self, grouped, settings, gr_step: bool, direction_norm: float, result) -> None:
+        """Apply the mixing rule with g2 = g1, for steps where the second pass would not change it.
+
+        In raw mode g = (1 - alpha) g1 + alpha g1 = g1, so nothing is done, which keeps a
+        step with r = 0 or alpha = 0 bit-identical to the plain optimizer.
+        """
+        if self.decoupled:
+            result.decoupled_terms = None
+            return
+        if not gr_step or self.first_gradient == "raw" or not math.isfinite(result.first_norm):
+            return
+        for ps, (_, alpha, _) in zip(grouped, settings):
+            coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, direction_norm)
+            F.scale_([p.grad for p in ps], coefficient + alpha)
+
+    def _exact_gradients(self, closure, settings, gr_step: bool) -> "_GradientResult":
+        """g = grad L + alpha * H v by double back-propagation, written into ``p.grad``.
+
+        v = r * g1 / ||g1|| over the perturbed groups for the norm penalty, and
+        v = r * g1 for the squared-norm penalty, so that with one (r, alpha) the result
+        is grad (L + lambda ||grad L||) or grad (L + lambda/2 ||grad L||^2), lambda = alpha r.
+        """
+        groups = self._params_by_group()
+        trainable = [p for ps in groups for p in ps if p.requires_grad]
+        for p in trainable:
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+            if any(p.grad is not None for p in trainable):
+                raise ValueError(
+                    "mode='exact' needs a closure that returns the loss without calling backward(): "
+                    "the regularizer differentiates the loss twice itself. Remove loss.backward() "
+                    "from the closure, or use mode='finite_difference'."
+                )
+            if not isinstance(loss, Tensor) or loss.grad_fn is None:
+                raise ValueError(
+                    "mode='exact' needs a closure that returns the loss tensor with its autograd graph; "
+                    f"it returned {type(loss).__name__}."
+                )
+            gradients = torch.autograd.grad(loss, trainable, create_graph=gr_step, allow_unused=True)
+
+            index = {p: i for i, p in enumerate(trainable)}
+            grouped = [[p for p in ps if p.requires_grad and gradients[index[p]] is not None] for ps in groups]
+            with_grad = [p for ps in grouped for p in ps]
+            first_grads = [gradients[index[p]].detach() for p in with_grad]
+            first_norm = self._first_pass_done(with_grad, first_grads)
+            result = _GradientResult(params=with_grad, loss=loss.detach(), first_norm=first_norm)
+
+            first_by_param = dict(zip(with_grad, first_grads))
+            perturbed = [first_by_param[p] for ps, (_, _, on) in zip(grouped, settings) if on for p in ps]
+            direction_norm = float(F.global_norm(perturbed)) if len(perturbed) < len(with_grad) else first_norm
+            run_hvp = gr_step and math.isfinite(first_norm) and direction_norm > 0.0 and any(
+                on and r > 0.0 and alpha > 0.0 for r, alpha, on in settings
+            )
+            hessian_vector = None
+            if run_hvp:
+                vector = []
+                for ps, (r, _, on) in zip(grouped, settings):
+                    scale = (r / direction_norm if self.penalty == "norm" else r) if on else 0.0
+                    vector += [first_by_param[p] * scale for p in ps]
+                graph_gradients = [gradients[index[p]] for p in with_grad]
+                hessian_vector = torch.autograd.grad(graph_gradients, with_grad, grad_outputs=vector, allow_unused=True)
+        del gradients
+
+        terms = []
+        position = 0
+        for ps, (_, alpha, _) in zip(grouped, settings):
+            for p in ps:
+                product = hessian_vector[position] if hessian_vector is not None else None
+                position += 1
+                term = torch.zeros_like(first_by_param[p]) if product is None else alpha * product.detach()
+                terms.append(term)
+        result.gr_applied = hessian_vector is not None
+        if self.decoupled:
+            result.decoupled_terms = terms if hessian_vector is not None else None
+            for p in with_grad:
+                p.grad = first_by_param[p].clone()
+        else:
+            for p, term in zip(with_grad, terms):
+                p.grad = first_by_param[p] + term if hessian_vector is not None else first_by_param[p].clone()
+        if result.decoupled_terms is not None:
+            result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
+        return result
+
+    @torch.no_grad()
+    def _apply_decoupled_terms(self, params: List[Tensor], terms: List[Tensor]) -> None:
+        """theta -= lr * term for every parameter, with its group's learning rate."""
+        term_by_param = dict(zip(params, terms))
+        for group in self.param_groups:
+            members = [p for p in group["params"] if p in term_by_param]
+            if members:
+                torch._foreach_add_(members, [term_by_param[p] for p in members], alpha=-float(group["lr"]))
 
     def state_dict(self) -> Dict[str, Any]:
         """Return the wrapped optimizer's state and the wrapper's step counter and generator."""
@@ -490,6 +676,9 @@ class GradientRegularizer(Optimizer):
                 "first_gradient": self.first_gradient,
                 "max_grad_norm": self.max_grad_norm,
                 "gr_probability": self.gr_probability,
+                "mode": self.mode,
+                "penalty": self.penalty,
+                "decoupled": self.decoupled,
             },
         }
 

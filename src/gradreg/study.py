@@ -41,6 +41,12 @@ DEFAULT_ARMS: Dict[str, Dict[str, Any]] = {
 }
 """The default arms: AdamW, AdamW + GR from the first step, and the three GR warmups."""
 
+EXTRA_ARMS: Dict[str, Dict[str, Any]] = {
+    "decoupled": {"gr_warmup": "none", "decoupled": True},
+    "exact": {"gr_warmup": "none", "gr_mode": "exact"},
+}
+"""More arms known by name: a study config may list them with empty settings, ``decoupled: {}``."""
+
 
 @dataclasses.dataclass
 class StudyConfig:
@@ -76,6 +82,9 @@ class StudyConfig:
             for arm, overrides in self.arms.items():
                 if not isinstance(overrides, Mapping):
                     raise ValueError(f"Invalid arm {arm!r}: its settings must be a mapping, got {overrides!r}.")
+                if not overrides:
+                    # An arm listed by a known name without settings gets that arm's settings.
+                    overrides = {**DEFAULT_ARMS, **EXTRA_ARMS}.get(arm, {})
                 config = config_from_mapping(overrides, base=base, source=f"arm {arm!r}")
                 config = dataclasses.replace(config, seed=seed, tag=arm, out=str(self.run_dir(arm, seed)), resume=True)
                 try:

@@ -105,6 +105,8 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
         gr_probability=config.gr_probability,
         model=model,
         seed=config.seed,
+        mode=config.gr_mode,
+        decoupled=config.decoupled,
     )
     scheduler = build_lr_scheduler(
         optimizer,
@@ -414,7 +416,8 @@ def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, e
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
-            loss.backward()
+            if config.gr_mode != "exact":  # exact mode differentiates the loss itself
+                loss.backward()
             if not first_logits:
                 first_logits.append(logits.detach())
             return loss
