@@ -577,3 +577,73 @@ def test_state_dict_round_trip_contents():
 
     with pytest.raises(ValueError, match="Invalid state_dict for GradientRegularizer"):
         fresh.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+# Two-call API.
+
+
+def test_two_call_micro_batches_equal_full_batch():
+    """Two passes of 4 micro-batches of 2 give the same step as one closure step on 8 examples."""
+    x, y = make_batch(size=8)
+    closure_model, split_model = make_mlp(), make_mlp()
+    closure_optimizer = GradientRegularizer(torch.optim.AdamW(closure_model.parameters(), lr=1e-2), r=0.1, alpha=0.7, max_grad_norm=1.0)
+    split_optimizer = GradientRegularizer(torch.optim.AdamW(split_model.parameters(), lr=1e-2), r=0.1, alpha=0.7, max_grad_norm=1.0)
+
+    for _ in range(3):
+        closure_optimizer.step(make_closure(closure_model, closure_optimizer, x, y))
+
+        split_optimizer.zero_grad()
+        for chunk in range(4):
+            rows = slice(2 * chunk, 2 * chunk + 2)
+            (nn.functional.cross_entropy(split_model(x[rows]), y[rows]) / 4).backward()
+        assert split_optimizer.first_step()
+        for chunk in range(4):
+            rows = slice(2 * chunk, 2 * chunk + 2)
+            (nn.functional.cross_entropy(split_model(x[rows]), y[rows]) / 4).backward()
+        split_optimizer.second_step()
+
+        assert split_optimizer.last_step.gr_applied
+        assert split_optimizer.last_step.cosine == pytest.approx(closure_optimizer.last_step.cosine, rel=1e-9)
+    for actual, expected in zip(split_model.parameters(), closure_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_two_call_plain_step_needs_no_second_pass():
+    model, plain_model = make_mlp(), make_mlp()
+    x, y = make_batch()
+    optimizer = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=1.0, warmup="zero", warmup_steps=2)
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert optimizer.first_step() is False
+    optimizer.second_step(loss=1.5)
+    plain.zero_grad()
+    nn.functional.cross_entropy(plain_model(x), y).backward()
+    plain.step()
+
+    assert optimizer.last_step.loss == 1.5
+    assert not optimizer.last_step.gr_applied
+    for actual, expected in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(actual, expected)
+
+
+def test_two_call_misuse_raises():
+    model = make_mlp()
+    x, y = make_batch()
+    optimizer = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=1.0)
+    with pytest.raises(RuntimeError, match="call first_step"):
+        optimizer.second_step()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.first_step()
+    with pytest.raises(RuntimeError, match="called twice"):
+        optimizer.first_step()
+    with pytest.raises(RuntimeError, match="pending"):
+        optimizer.step(make_closure(model, optimizer, x, y))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.second_step()
+    assert optimizer.step_count == 1
+
+    exact = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=1.0, mode="exact")
+    with pytest.raises(ValueError, match="mode='finite_difference' only"):
+        exact.first_step()

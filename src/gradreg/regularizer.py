@@ -97,6 +97,20 @@ class _GradientResult:
     gr_term_norm: float = 0.0
 
 
+@dataclasses.dataclass
+class _PendingStep:
+    """A finite-difference step between its first and second gradient."""
+
+    grouped: List[List[Tensor]]
+    with_grad: List[Tensor]
+    first_grads: List[Tensor]
+    first_norm: float
+    direction_norm: float
+    gr_step: bool
+    run_second: bool
+    backup: Optional[List[Tensor]] = None
+
+
 class _RNGState:
     """The CPU and CUDA generator states, so that a second pass can replay the first one's randomness."""
 
@@ -346,6 +360,7 @@ class GradientRegularizer(Optimizer):
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self.last_step: Optional[GRStepStats] = None
+        self._pending: Optional[tuple] = None
 
     # param_groups and state live in the base optimizer.
 
@@ -428,26 +443,94 @@ class GradientRegularizer(Optimizer):
         Args:
             closure: clears the gradients, evaluates the model, calls ``backward()``
                 and returns the loss. In ``mode="exact"`` it returns the loss without
-                calling ``backward()``. Required.
+                calling ``backward()``. Required; loops that cannot pass a closure use
+                :meth:`first_step` and :meth:`second_step`.
         """
         if closure is None:
             raise ValueError(
                 "GradientRegularizer.step needs a closure: it evaluates the loss twice. "
                 "Pass a function that calls zero_grad(), computes the loss, calls "
-                "loss.backward() and returns the loss."
+                "loss.backward() and returns the loss, or use first_step() and second_step()."
             )
-        t = self.step_count
-        r_t, alpha_t = self.gr_values(t)
-        drawn_gr = self._draw_gr_step()
-        gr_step = drawn_gr and not (r_t == 0.0 and alpha_t == 0.0)
-        settings = self._group_settings(r_t, alpha_t)
+        if self._pending is not None:
+            raise RuntimeError("A step started with first_step() is pending: call second_step() before step().")
+        t, r_t, alpha_t, gr_step, settings = self._schedule_step()
 
         if self.mode == "exact":
             result = self._exact_gradients(closure, settings, gr_step)
         else:
-            result = self._finite_difference_gradients(closure, settings, gr_step)
+            groups = self._params_by_group()
+            cuda_devices = sorted({p.device.index or 0 for ps in groups for p in ps if p.device.type == "cuda"})
 
-        # Clip what the optimizer receives, check, update.
+            # First pass at theta, then the second at the perturbed point with the same randomness.
+            rng_before = _RNGState(cuda_devices)
+            with torch.enable_grad():
+                loss = closure()
+            pending = self._begin_finite_difference(settings, gr_step)
+            perturbed_loss = None
+            if pending.run_second:
+                rng_after_first = _RNGState(cuda_devices)
+                rng_before.restore()
+                with _FrozenNormStatistics(self.model), torch.enable_grad():
+                    perturbed_loss = closure()
+                rng_after_first.restore()
+            result = self._finish_finite_difference(pending, settings)
+            result.loss, result.perturbed_loss = loss, perturbed_loss
+        self._update(result, t, r_t, alpha_t, gr_step)
+        return result.loss
+
+    @torch.no_grad()
+    def first_step(self) -> bool:
+        """Start a GR step from the gradients already in ``p.grad``; return whether a second pass is needed.
+
+        For loops that cannot pass a closure (gradient accumulation over micro-batches,
+        trainers that call ``backward()`` themselves)::
+
+            for micro_batch in micro_batches:       # accumulate g1 at theta
+                (loss_fn(model, micro_batch) / len(micro_batches)).backward()
+            if optimizer.first_step():              # theta is now perturbed, p.grad cleared
+                for micro_batch in micro_batches:   # accumulate g2 at the perturbed point
+                    (loss_fn(model, micro_batch) / len(micro_batches)).backward()
+            optimizer.second_step()                 # restore theta, mix, clip, update
+            optimizer.zero_grad()
+
+        When it returns False (a plain step, r_t = 0 or alpha_t = 0) run no second
+        backward pass: :meth:`second_step` then uses g2 = g1. Unlike :meth:`step`, the
+        caller is responsible for dropout randomness and normalisation statistics in the
+        second pass. Only ``mode="finite_difference"`` is supported.
+        """
+        if self.mode == "exact":
+            raise ValueError("first_step() works with mode='finite_difference' only; use step(closure) for mode='exact'.")
+        if self._pending is not None:
+            raise RuntimeError("first_step() was called twice: call second_step() to finish the pending step.")
+        t, r_t, alpha_t, gr_step, settings = self._schedule_step()
+        pending = self._begin_finite_difference(settings, gr_step)
+        self._pending = (pending, t, r_t, alpha_t, gr_step, settings)
+        return pending.run_second
+
+    @torch.no_grad()
+    def second_step(self, loss: Any = None, perturbed_loss: Any = None) -> None:
+        """Finish the step begun by :meth:`first_step`, with g2 in ``p.grad``.
+
+        ``loss`` and ``perturbed_loss`` are only recorded in :attr:`last_step`.
+        """
+        if self._pending is None:
+            raise RuntimeError("second_step() needs a pending step: call first_step() first.")
+        pending, t, r_t, alpha_t, gr_step, settings = self._pending
+        self._pending = None
+        result = self._finish_finite_difference(pending, settings)
+        result.loss, result.perturbed_loss = loss, perturbed_loss if pending.run_second else None
+        self._update(result, t, r_t, alpha_t, gr_step)
+
+    def _schedule_step(self):
+        t = self.step_count
+        r_t, alpha_t = self.gr_values(t)
+        drawn_gr = self._draw_gr_step()
+        gr_step = drawn_gr and not (r_t == 0.0 and alpha_t == 0.0)
+        return t, r_t, alpha_t, gr_step, self._group_settings(r_t, alpha_t)
+
+    def _update(self, result: "_GradientResult", t: int, r_t: float, alpha_t: float, gr_step: bool) -> None:
+        """Clip what the optimizer receives, check it, step the optimizer and record the step."""
         received = [p.grad for p in result.params]
         before_clip = float(F.global_norm(received))
         factor = F.clip_coefficient(before_clip, self.max_grad_norm)
@@ -481,7 +564,6 @@ class GradientRegularizer(Optimizer):
             grad_norm_after_clip=before_clip * factor,
             skipped=skipped,
         )
-        return result.loss
 
     def _params_by_group(self) -> List[List[Tensor]]:
         return [list(group["params"]) for group in self.param_groups]
@@ -497,16 +579,14 @@ class GradientRegularizer(Optimizer):
             hook(self, with_grad, first_grads, first_norm)
         return first_norm
 
-    def _finite_difference_gradients(self, closure, settings, gr_step: bool) -> "_GradientResult":
-        """g = (1 - alpha) g1 + alpha g2 with g2 at theta + r g1 / ||g1||, written into ``p.grad``."""
-        groups = self._params_by_group()
-        cuda_devices = sorted({p.device.index or 0 for ps in groups for p in ps if p.device.type == "cuda"})
+    def _begin_finite_difference(self, settings, gr_step: bool) -> "_PendingStep":
+        """Read g1 from ``p.grad`` and, when a second pass will change the result, perturb theta.
 
-        # First pass at theta.
-        rng_before = _RNGState(cuda_devices)
-        with torch.enable_grad():
-            loss = closure()
-        grouped = [[p for p in ps if p.grad is not None] for ps in groups]
+        The first gradients stay alive in the returned record because ``p.grad`` is set
+        to None afterwards, so the second backward pass writes fresh tensors even if the
+        caller zeroes gradients in place.
+        """
+        grouped = [[p for p in ps if p.grad is not None] for ps in self._params_by_group()]
         with_grad = [p for ps in grouped for p in ps]
         first_grads = [p.grad for p in with_grad]
         first_norm = self._first_pass_done(with_grad, first_grads)
@@ -518,27 +598,27 @@ class GradientRegularizer(Optimizer):
         mixes = any(alpha > 0.0 and ps for ps, (_, alpha, _) in zip(grouped, settings))
         run_second = gr_step and math.isfinite(first_norm) and direction_norm > 0.0 and moves and mixes
 
-        # Second pass at the perturbed point.
-        result = _GradientResult(params=with_grad, loss=loss, first_norm=first_norm)
-        if not run_second:
-            self._mix_without_second_pass(grouped, settings, gr_step, direction_norm, result)
+        pending = _PendingStep(grouped, with_grad, first_grads, first_norm, direction_norm, gr_step, run_second)
+        if run_second:
+            pending.backup = F.backup_parameters(with_grad)
+            for ps, (r, _, on) in zip(grouped, settings):
+                if on and ps:
+                    F.perturb_parameters_(ps, [p.grad for p in ps], r / direction_norm)
+            for p in with_grad:
+                p.grad = None
+        return pending
+
+    def _finish_finite_difference(self, pending: "_PendingStep", settings) -> "_GradientResult":
+        """Restore theta and mix g1 with the g2 now in ``p.grad``, group by group, into ``p.grad``."""
+        with_grad, first_grads = pending.with_grad, pending.first_grads
+        result = _GradientResult(params=with_grad, loss=None, first_norm=pending.first_norm)
+        if not pending.run_second:
+            self._mix_without_second_pass(pending.grouped, settings, pending.gr_step, pending.direction_norm, result)
             return result
-        rng_after_first = _RNGState(cuda_devices)
-        backup = F.backup_parameters(with_grad)
-        for ps, (r, _, on) in zip(grouped, settings):
-            if on and ps:
-                F.perturb_parameters_(ps, [p.grad for p in ps], r / direction_norm)
-        first_by_param = {p: p.grad for p in with_grad}
-        for p in with_grad:
-            p.grad = None
+        F.restore_parameters_(with_grad, pending.backup)
+        pending.backup = None
 
-        rng_before.restore()
-        with _FrozenNormStatistics(self.model), torch.enable_grad():
-            result.perturbed_loss = closure()
-        rng_after_first.restore()
-        F.restore_parameters_(with_grad, backup)
-        del backup
-
+        first_by_param = dict(zip(with_grad, first_grads))
         for p in with_grad:
             if p.grad is None:
                 # A parameter unused at the perturbed point has a zero gradient there.
@@ -546,13 +626,12 @@ class GradientRegularizer(Optimizer):
         second_grads = [p.grad for p in with_grad]
         result.gr_applied, result.closure_calls = True, 2
         result.second_norm = float(F.global_norm(second_grads))
-        if first_norm * result.second_norm > 0:
-            result.cosine = float(F.global_dot(first_grads, second_grads)) / (first_norm * result.second_norm)
+        if pending.first_norm * result.second_norm > 0:
+            result.cosine = float(F.global_dot(first_grads, second_grads)) / (pending.first_norm * result.second_norm)
 
-        # Mix group by group into the second gradients, which the optimizer then reads.
         if self.decoupled:
             result.decoupled_terms = []
-        for ps, (_, alpha, _) in zip(grouped, settings):
+        for ps, (_, alpha, _) in zip(pending.grouped, settings):
             if not ps:
                 continue
             firsts, seconds = [first_by_param[p] for p in ps], [p.grad for p in ps]
@@ -563,7 +642,7 @@ class GradientRegularizer(Optimizer):
                 for p, first in zip(ps, firsts):
                     p.grad = first
             else:
-                coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, direction_norm)
+                coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, pending.direction_norm)
                 F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=coefficient)
         if result.decoupled_terms is not None:
             result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
