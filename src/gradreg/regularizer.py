@@ -443,9 +443,14 @@ class GradientRegularizer(Optimizer):
         Args:
             closure: clears the gradients, evaluates the model, calls ``backward()``
                 and returns the loss. In ``mode="exact"`` it returns the loss without
-                calling ``backward()``. Required; loops that cannot pass a closure use
-                :meth:`first_step` and :meth:`second_step`.
+                calling ``backward()``. Loops that cannot pass a closure use
+                :meth:`first_step` and :meth:`second_step`; after :meth:`first_step`,
+                ``step()`` without a closure finishes the step like :meth:`second_step`.
         """
+        if closure is None and self._pending is not None:
+            # Trainers that call optimizer.step() after their own backward pass.
+            self.second_step()
+            return None
         if closure is None:
             raise ValueError(
                 "GradientRegularizer.step needs a closure: it evaluates the loss twice. "
