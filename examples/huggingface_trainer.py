@@ -1,13 +1,14 @@
 """GR in a Hugging Face ``Trainer`` subclass.
 
 The Trainer runs ``training_step`` (forward and backward) and then calls
-``optimizer.step()`` without a closure. Set ``max_grad_norm=0`` in the
-TrainingArguments and pass ``max_grad_norm`` to the regularizer instead, because the
-Trainer would otherwise clip g2 alone, before the mix. ``GRTrainer`` wraps the optimizer that the
-Trainer builds in a GradientRegularizer, and its ``training_step`` adds the second pass:
-after the Trainer's backward pass at theta, ``first_step()`` perturbs the weights, a
-second forward and backward pass computes g2, and the Trainer's own
+``optimizer.step()`` without a closure. ``GRTrainer`` wraps the optimizer that the
+Trainer builds in a GradientRegularizer, and its ``training_step`` adds the second
+pass. After the Trainer's backward pass at theta, ``first_step()`` perturbs the weights
+and a second forward and backward pass computes g2. The Trainer's own
 ``optimizer.step()`` then restores theta, mixes, clips and updates.
+
+Set ``max_grad_norm=0`` in the TrainingArguments and pass ``max_grad_norm`` to the
+regularizer instead, because the Trainer would otherwise clip g2 alone, before the mix.
 
 NOTE: gradient accumulation (``gradient_accumulation_steps > 1``) is rejected here,
 because the Trainer calls ``training_step`` once per micro-batch. Use

@@ -1,8 +1,8 @@
 """GR in PyTorch Lightning with manual optimization.
 
-Lightning calls ``configure_optimizers`` once; the LightningModule turns automatic
-optimization off and passes a closure to ``optimizer.step``, which the
-GradientRegularizer calls twice (at theta and at the perturbed point). Lightning counts
+The LightningModule turns automatic optimization off and passes a closure to
+``optimizer.step``. The GradientRegularizer calls that closure twice, at theta and at
+the perturbed point. Lightning counts
 one optimizer step per call, so ``max_steps`` and LR schedulers behave as usual.
 
 Needs the ``lightning`` extra: ``pip install "gradreg[lightning]"``. Run it as a script

@@ -43,7 +43,7 @@ def validate_group_settings(group: Dict[str, Any]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GRStepStats:
-    """What one call of :meth:`GradientRegularizer.step` did, for logging.
+    """The record of one :meth:`GradientRegularizer.step`, for logging.
 
     Norms are global L2 norms over the parameters that received a gradient. Values that
     a step did not compute are NaN: ``grad_norm_second``, ``cosine`` and
@@ -83,7 +83,7 @@ class GRStepStats:
 
 @dataclasses.dataclass
 class _GradientResult:
-    """What the gradient phase of one step produced, before clipping and the update."""
+    """The gradients of one step and their statistics, before clipping and the update."""
 
     params: List[Tensor]
     loss: Any
@@ -641,7 +641,7 @@ class GradientRegularizer(Optimizer):
                 continue
             firsts, seconds = [first_by_param[p] for p in ps], [p.grad for p in ps]
             if self.decoupled:
-                # The optimizer sees g1; the GR term alpha * (g2 - g1) is applied after it.
+                # The optimizer receives g1; the GR term alpha * (g2 - g1) is applied after its step.
                 F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=-alpha)
                 result.decoupled_terms += seconds
                 for p, first in zip(ps, firsts):
@@ -711,7 +711,12 @@ class GradientRegularizer(Optimizer):
             if run_hvp:
                 vector = []
                 for ps, (r, _, on) in zip(grouped, settings):
-                    scale = (r / direction_norm if self.penalty == "norm" else r) if on else 0.0
+                    if not on:
+                        scale = 0.0
+                    elif self.penalty == "norm":
+                        scale = r / direction_norm
+                    else:
+                        scale = r
                     vector += [first_by_param[p] * scale for p in ps]
                 graph_gradients = [gradients[index[p]] for p in with_grad]
                 hessian_vector = torch.autograd.grad(graph_gradients, with_grad, grad_outputs=vector, allow_unused=True)
