@@ -193,3 +193,25 @@ def test_invalid_arguments_raise():
 def test_adaptive_lr_summary_values():
     summary = adaptive_lr_summary(torch.tensor([1.0, 3.0]))
     assert summary == {"psi_mean": 2.0, "psi_var": 1.0, "psi_cv": 0.5}
+
+
+def test_psi_leaves_out_coordinates_without_gradient():
+    model = nn.Linear(3, 2).double()
+    frozen_row = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    optimizer = GradientRegularizer(torch.optim.AdamW(model.parameters(), lr=0.01, eps=EPS), r=0.1, alpha=1.0)
+    diagnostics = GRDiagnostics(optimizer, model=model, stats_every=1)
+
+    def closure():
+        optimizer.zero_grad()
+        # Only the first input column is nonzero, so weight columns 1 and 2 get no gradient.
+        loss = nn.functional.cross_entropy(model(frozen_row), torch.tensor([0, 1]))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    stats = diagnostics.after_step()["stats"]["global"]
+    assert stats["psi_excluded"] == 4
+    v_hat = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()]) / (1 - 0.999)
+    psi = 1.0 / (v_hat[v_hat > 0].sqrt() + EPS)
+    assert stats["psi_mean"] == pytest.approx(float(psi.mean()), rel=1e-9)
+    assert stats["psi_var"] == pytest.approx(float(psi.var(unbiased=False)), rel=1e-9)

@@ -23,7 +23,8 @@ Every ``stats_every`` steps, from the wrapped optimizer's own state:
 * ``v_hat``: bias-corrected second moment (Adam, AdamW; RMSprop's ``square_avg``, which
   torch does not bias-correct): mean, median, max;
 * ``psi``: the adaptive learning rate 1 / (sqrt(v_hat) + eps): mean, variance and
-  coefficient of variation (std / mean) across coordinates;
+  coefficient of variation (std / mean) across the coordinates with v_hat > 0;
+  ``psi_excluded`` counts the coordinates that never received a gradient;
 * ``v_drift``: ||v_hat - v_hat_clean|| / ||v_hat_clean||, where v_hat_clean is a shadow
   moving average with the optimizer's own decay and bias correction, fed the clean
   gradient g1 (clipped by the same rule as the mixed gradient) instead of the gradient
@@ -261,8 +262,21 @@ def _statistics(entries: Iterable[Tuple[str, Optional[Tensor], Optional[Tensor],
         all_v = torch.cat(v_values)
         result["numel"] = all_v.numel()
         result.update(_summary(all_v, "v_hat"))
-        psi = torch.cat([1.0 / (v.reshape(-1).double().sqrt() + eps) for _, _, v, eps, _ in entries if v is not None])
-        result.update(adaptive_lr_summary(psi))
+        # Coordinates that never received a gradient (v_hat = 0, for example the key part
+        # of the qkv bias, to which softmax attention is invariant) would sit at 1/eps and
+        # swamp the spread of psi, so they are counted and left out.
+        psi_parts, excluded = [], 0
+        for _, _, v, eps, _ in entries:
+            if v is None:
+                continue
+            flat = v.reshape(-1).double()
+            received = flat[flat > 0]
+            excluded += flat.numel() - received.numel()
+            psi_parts.append(1.0 / (received.sqrt() + eps))
+        psi = torch.cat(psi_parts)
+        result["psi_excluded"] = excluded
+        if psi.numel() > 0:
+            result.update(adaptive_lr_summary(psi))
 
         cleans = [(v, c) for _, _, v, _, c in entries if v is not None and c is not None]
         if cleans and len(cleans) == len(v_values):
