@@ -140,3 +140,30 @@ def scale_(tensors: Sequence[Tensor], factor: float) -> None:
     """Multiply every tensor by ``factor`` in place (no kernel when the factor is 1)."""
     if factor != 1.0 and len(tensors) > 0:
         torch._foreach_mul_(list(tensors), factor)
+
+
+def world_size() -> int:
+    """Return the number of ranks in the default process group, or 1 outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Average the tensors over all ranks in place, with one all-reduce per dtype and device."""
+    import torch.distributed as dist
+
+    size = world_size()
+    if size == 1 or len(tensors) == 0:
+        return
+    buckets: dict = {}
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for bucket in buckets.values():
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat.div_(size)
+        torch._foreach_copy_(bucket, list(torch._utils._unflatten_dense_tensors(flat, bucket)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 FIRST_GRADIENT_MODES = ("raw", "normalized")
 MODES = ("finite_difference", "exact")
 PENALTIES = ("norm", "squared_norm")
+PERTURBATIONS = ("local", "global")
 GROUP_KEYS = ("gr_r", "gr_alpha", "gr_perturb")
 """Parameter-group keys read by the regularizer: the group's target r and alpha, and
 whether its parameters are moved by the perturbation (default True)."""
@@ -240,6 +242,13 @@ class GradientRegularizer(Optimizer):
             Clipping applies to g1. An alternative to GR warmup: Adam's moments then
             never see the GR term.
 
+    Distributed data parallel: when ``model`` is a
+    :class:`~torch.nn.parallel.DistributedDataParallel` module, :meth:`step` runs both
+    closure passes under ``model.no_sync()`` and all-reduces (averages) the gradients
+    itself. With ``perturbation="local"`` (the reference default) each rank perturbs
+    along its own g1; with ``"global"`` g1 is averaged over the ranks first. The mixed
+    gradient is always averaged before the update, so every rank applies the same step.
+
     Per-group settings: a parameter group may set ``gr_r`` and ``gr_alpha`` (target
     values that follow the warmup in proportion) and ``gr_perturb=False`` (the group is
     not moved in the second pass, for example biases and normalisation weights). The
@@ -291,6 +300,7 @@ class GradientRegularizer(Optimizer):
         mode: str = "finite_difference",
         penalty: str = "norm",
         decoupled: bool = False,
+        perturbation: str = "local",
     ) -> None:
         if isinstance(optimizer, GradientRegularizer):
             raise ValueError("Invalid optimizer: it is already a GradientRegularizer. Wrap the plain optimizer once.")
@@ -332,6 +342,8 @@ class GradientRegularizer(Optimizer):
                 "Invalid first_gradient: 'normalized' applies to the coupled finite-difference step only. "
                 "Use first_gradient='raw' with decoupled=True or mode='exact'."
             )
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"Invalid perturbation: {perturbation!r}. Use 'local' or 'global'.")
         for group in optimizer.param_groups:
             validate_group_settings(group)
 
@@ -353,6 +365,7 @@ class GradientRegularizer(Optimizer):
         self.mode = mode
         self.penalty = penalty
         self.decoupled = decoupled
+        self.perturbation = perturbation
 
         self.step_count = 0
         # An OrderedDict because RemovableHandle keeps a weak reference to it.
@@ -469,18 +482,24 @@ class GradientRegularizer(Optimizer):
 
             # First pass at theta, then the second at the perturbed point with the same randomness.
             rng_before = _RNGState(cuda_devices)
-            with torch.enable_grad():
+            with self._no_sync(), torch.enable_grad():
                 loss = closure()
+            if self._distributed() and self.perturbation == "global":
+                F.all_reduce_mean_([p.grad for ps in groups for p in ps if p.grad is not None])
             pending = self._begin_finite_difference(settings, gr_step)
             perturbed_loss = None
             if pending.run_second:
                 rng_after_first = _RNGState(cuda_devices)
                 rng_before.restore()
-                with _FrozenNormStatistics(self.model), torch.enable_grad():
+                with self._no_sync(), _FrozenNormStatistics(self.model), torch.enable_grad():
                     perturbed_loss = closure()
                 rng_after_first.restore()
             result = self._finish_finite_difference(pending, settings)
             result.loss, result.perturbed_loss = loss, perturbed_loss
+            if self._distributed() and (pending.run_second or self.perturbation == "local"):
+                F.all_reduce_mean_([p.grad for p in result.params])
+                if result.decoupled_terms is not None:
+                    F.all_reduce_mean_(result.decoupled_terms)
         self._update(result, t, r_t, alpha_t, gr_step)
         return result.loss
 
@@ -526,6 +545,16 @@ class GradientRegularizer(Optimizer):
         result = self._finish_finite_difference(pending, settings)
         result.loss, result.perturbed_loss = loss, perturbed_loss if pending.run_second else None
         self._update(result, t, r_t, alpha_t, gr_step)
+
+    def _distributed(self) -> bool:
+        """True when the model is a DistributedDataParallel module in a group of several ranks."""
+        return isinstance(self.model, nn.parallel.DistributedDataParallel) and F.world_size() > 1
+
+    def _no_sync(self):
+        """``model.no_sync()`` for a distributed model, so that this class decides what to average."""
+        if self._distributed():
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def _schedule_step(self):
         t = self.step_count
@@ -679,7 +708,7 @@ class GradientRegularizer(Optimizer):
         trainable = [p for ps in groups for p in ps if p.requires_grad]
         for p in trainable:
             p.grad = None
-        with torch.enable_grad():
+        with self._no_sync(), torch.enable_grad():
             loss = closure()
             if any(p.grad is not None for p in trainable):
                 raise ValueError(
@@ -738,6 +767,10 @@ class GradientRegularizer(Optimizer):
         else:
             for p, term in zip(with_grad, terms):
                 p.grad = first_by_param[p] + term if hessian_vector is not None else first_by_param[p].clone()
+        if self._distributed():
+            F.all_reduce_mean_([p.grad for p in with_grad])
+            if result.decoupled_terms is not None:
+                F.all_reduce_mean_(result.decoupled_terms)
         if result.decoupled_terms is not None:
             result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
         return result
@@ -768,6 +801,7 @@ class GradientRegularizer(Optimizer):
                 "mode": self.mode,
                 "penalty": self.penalty,
                 "decoupled": self.decoupled,
+                "perturbation": self.perturbation,
             },
         }
 
