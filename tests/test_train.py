@@ -180,3 +180,33 @@ def test_exact_and_decoupled_modes_train(cifar10_dir, tmp_path, overrides):
     assert all(s["gr_applied"] for s in steps)
     expected_calls = 1 if overrides.get("gr_mode") == "exact" else 2
     assert all(s["closure_calls"] == expected_calls for s in steps)
+
+
+def test_torchrun_two_processes(cifar10_dir, tmp_path):
+    """gradreg train under torchrun with 2 CPU processes on gloo: rank 0 writes, both ranks agree."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        "--master_port=29517", "-m", "gradreg.cli", "train", "--model", "vit_micro", "--data-dir", str(cifar10_dir),
+        "--train-subset", "200", "--test-subset", "100", "--epochs", "2", "--warmup-epochs", "1",
+        "--batch-size", "50", "--gr-warmup", "zero", "--perturbation", "global", "--log-every", "1",
+        "--out", str(out),
+    ]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is True
+    assert summary["world_size"] == 2
+    records = read_metrics(out / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert epochs[1]["gr_steps"] == 200 // 50
+    # One metrics line per step, so only rank 0 wrote.
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps))

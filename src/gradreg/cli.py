@@ -121,6 +121,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="finite_difference: a second pass at the perturbed point; exact: double back-propagation (default: finite_difference)",
     )
     gr.add_argument(
+        "--perturbation", choices=("local", "global"), default=S,
+        help="under torchrun: perturb along each rank's own gradient (local) or the averaged one (global) (default: local)",
+    )
+    gr.add_argument(
         "--decoupled", type=_boolean, metavar="BOOL", default=S,
         help="feed the optimizer the clean gradient and apply the GR term outside its preconditioner (default: false)",
     )

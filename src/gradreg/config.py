@@ -65,6 +65,7 @@ class TrainConfig:
     gr_probability: float = 1.0
     gr_mode: str = "finite_difference"
     decoupled: bool = False
+    perturbation: str = "local"
 
     # Run.
     seed: int = 0
@@ -93,6 +94,7 @@ class TrainConfig:
         _check_choice("gr_warmup", self.gr_warmup, WARMUP_STRATEGIES)
         _check_choice("first_gradient", self.first_gradient, FIRST_GRADIENT_MODES)
         _check_choice("gr_mode", self.gr_mode, GR_MODES)
+        _check_choice("perturbation", self.perturbation, ("local", "global"))
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"Invalid model: {self.model!r}. Use a preset such as 'vit_ti' or a timm model name.")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -39,6 +40,60 @@ SUMMARY_NAME = "summary.json"
 
 # Settings that may differ between an interrupted run and its resumption.
 _RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every", "tensorboard"}
+
+
+class DistributedContext:
+    """Rank and world size of a ``torchrun`` launch; one process without it."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.initialized_here = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group: NCCL on CUDA, gloo on CPU."""
+        import torch.distributed as dist
+
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.initialized_here = True
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, values: list) -> list:
+        """Sum a list of numbers over the ranks."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+class _NullLog:
+    """Stands in for the metrics log and TensorBoard on ranks other than 0."""
+
+    def write(self, record: Dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NullLog":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,8 +133,11 @@ def build_data(config: TrainConfig, device: torch.device):
     return train_loader, test_loader, train_set.num_classes
 
 
-def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
-    """Return the GR-wrapped optimizer and its per-step learning-rate scheduler."""
+def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int, module: Optional[nn.Module] = None):
+    """Return the GR-wrapped optimizer and its per-step learning-rate scheduler.
+
+    ``module`` is what the training step calls: the model, or its DistributedDataParallel wrapper.
+    """
     from .optimizers import build_optimizer
     from .schedules import build_lr_scheduler
 
@@ -103,10 +161,11 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
         first_gradient=config.first_gradient,
         max_grad_norm=config.max_grad_norm,
         gr_probability=config.gr_probability,
-        model=model,
+        model=module if module is not None else model,
         seed=config.seed,
         mode=config.gr_mode,
         decoupled=config.decoupled,
+        perturbation=config.perturbation,
     )
     scheduler = build_lr_scheduler(
         optimizer,
@@ -169,6 +228,10 @@ class _EpochAccumulator:
         self.steps = 0
         self.grad_norm_sum = 0.0
 
+    def combine(self, context: "DistributedContext") -> None:
+        """Sum the loss and error counts over the ranks; GR counts are the same on every rank."""
+        self.loss_sum, self.wrong, self.examples = context.sum([self.loss_sum, self.wrong, self.examples])
+
     def add(self, loss: float, wrong: int, batch_size: int, stats) -> None:
         self.loss_sum += loss * batch_size
         self.wrong += wrong
@@ -221,7 +284,27 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
         logger.info("No checkpoint in %s, so the run starts from the beginning.", out)
 
     out.mkdir(parents=True, exist_ok=True)
+    context = DistributedContext()
     device = resolve_device(config.device)
+    if device.type == "cuda" and context.world_size > 1:
+        device = torch.device("cuda", context.local_rank)
+        torch.cuda.set_device(device)
+    if config.batch_size % context.world_size:
+        raise ValueError(
+            f"Invalid batch_size: {config.batch_size} does not split evenly over {context.world_size} processes. "
+            "Use a multiple of the number of processes."
+        )
+    context.start(device)
+    try:
+        return _train_on_device(config, checkpoint, context, device)
+    finally:
+        context.stop()
+
+
+def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], context: "DistributedContext",
+                     device: torch.device) -> Dict[str, Any]:
+    out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT_NAME
     torch.manual_seed(config.seed)
 
     from .models import create_model
@@ -236,8 +319,15 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
     ).to(device)
     # Every arm of a study seed must start from these weights; the checksum shows it.
     init_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    module = model
+    if context.world_size > 1:
+        module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Ranks draw different dropout masks; the weights came from the same seed.
+        # NOTE: the checkpoint keeps rank 0's random state only, so a resumed multi-process
+        # run draws other dropout masks on the other ranks than an uninterrupted one.
+        torch.manual_seed(config.seed + 1000 * context.rank)
     steps_per_epoch = len(train_loader)
-    optimizer, scheduler = build_optimization(config, model, steps_per_epoch)
+    optimizer, scheduler = build_optimization(config, model, steps_per_epoch, module=module)
     diagnostics = GRDiagnostics(optimizer, model=model, stats_every=config.stats_every)
 
     start_epoch, best_error, best_epoch, elapsed = 0, math.inf, 0, 0.0
@@ -251,9 +341,10 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
         start_epoch = checkpoint["epoch"]
         best_error, best_epoch = checkpoint["best_test_error"], checkpoint["best_epoch"]
         elapsed = checkpoint["wall_seconds"]
-        truncate_metrics(out / METRICS_NAME, lambda record: record.get("epoch", 0) <= start_epoch)
+        if context.is_main:
+            truncate_metrics(out / METRICS_NAME, lambda record: record.get("epoch", 0) <= start_epoch)
         logger.info("Resuming %s after epoch %d of %d", out, start_epoch, config.epochs)
-    else:
+    elif context.is_main:
         (out / METRICS_NAME).unlink(missing_ok=True)
         write_json(out / CONFIG_NAME, config.to_dict())
 
@@ -274,12 +365,13 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
     )
 
     summary: Dict[str, Any] = read_summary(out) if checkpoint is not None and (out / SUMMARY_NAME).exists() else {}
-    writer = _tensorboard_writer(out) if config.tensorboard else None
+    writer = _tensorboard_writer(out) if config.tensorboard and context.is_main else None
     test_loss, test_error = math.nan, math.nan
-    with MetricsLog(out / METRICS_NAME) as metrics:
+    with MetricsLog(out / METRICS_NAME) if context.is_main else _NullLog() as metrics:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
-            totals = _train_one_epoch(config, model, optimizer, scheduler, diagnostics, train_loader, epoch, metrics, writer)
+            totals = _train_one_epoch(config, module, optimizer, scheduler, diagnostics, train_loader, epoch, metrics, writer, context)
+            totals.combine(context)
             evaluated = epoch % config.eval_every == 0 or epoch == config.epochs
             if evaluated:
                 test_loss, test_error = evaluate(model, test_loader)
@@ -334,8 +426,11 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
                 "init_checksum": init_checksum,
                 "wall_seconds": elapsed,
                 "device": str(device),
+                "world_size": context.world_size,
                 "gradreg_version": __version__,
             }
+            if not context.is_main:
+                continue
             save_checkpoint(
                 {
                     "epoch": epoch,
@@ -402,14 +497,19 @@ def _write_step(record: Dict[str, Any], epoch: int, metrics: MetricsLog, writer)
                 writer.add_scalar(f"optimizer/{key}", value, step)
 
 
-def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, epoch, metrics, writer) -> _EpochAccumulator:
+def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, epoch, metrics, writer, context) -> _EpochAccumulator:
     from tqdm.auto import tqdm
 
     model.train()
     loader.set_epoch(epoch - 1)
     totals = _EpochAccumulator()
-    progress = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None, dynamic_ncols=True)
+    progress = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if context.is_main else True,
+                    dynamic_ncols=True)
     for images, labels in progress:
+        if context.world_size > 1:
+            # Every rank draws the same global batch and trains on its own share of it.
+            images = images.chunk(context.world_size)[context.rank]
+            labels = labels.chunk(context.world_size)[context.rank]
         first_logits = []
 
         def closure():
