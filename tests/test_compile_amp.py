@@ -70,3 +70,71 @@ def test_bf16_autocast_step_is_close_to_fp32():
         assert all(p.dtype == torch.float32 for p in model.parameters())
         results[precision] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(results["bf16"], results["fp32"], rtol=0.05, atol=5e-3)
+
+
+def scaled_closure(model, optimizer, scaler, x, y, infinite_on_call=None):
+    calls = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        calls.append(1)
+        factor = float("inf") if infinite_on_call == len(calls) else 1.0
+        scaler.scale(loss * factor).backward()
+        return loss
+
+    return closure
+
+
+def test_grad_scaler_step_equals_unscaled_step():
+    """Power-of-two loss scales are exact, so the scaled GR step equals the plain fp32 one bit for bit."""
+    x, y = batch()
+    scaled_model, reference_model = make_model().eval(), make_model().eval()
+    scaled = GradientRegularizer(torch.optim.AdamW(scaled_model.parameters(), lr=1e-2), r=0.05, alpha=0.5, max_grad_norm=0.5)
+    reference = GradientRegularizer(torch.optim.AdamW(reference_model.parameters(), lr=1e-2), r=0.05, alpha=0.5, max_grad_norm=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    for _ in range(3):
+        scaled.step(scaled_closure(scaled_model, scaled, scaler, x, y), grad_scaler=scaler)
+        scaler.update()
+
+        def closure():
+            reference.zero_grad()
+            loss = nn.functional.cross_entropy(reference_model(x), y)
+            loss.backward()
+            return loss
+
+        reference.step(closure)
+        assert scaled.last_step.grad_norm_first == reference.last_step.grad_norm_first
+    for actual, expected in zip(scaled_model.parameters(), reference_model.parameters()):
+        assert torch.equal(actual, expected)
+    assert scaler.get_scale() == 2.0**10
+
+
+@pytest.mark.parametrize("infinite_pass", [1, 2])
+def test_grad_scaler_infinite_pass_skips_and_backs_off(infinite_pass):
+    x, y = batch()
+    model = make_model().eval()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = GradientRegularizer(base, r=0.05, alpha=1.0, max_grad_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    optimizer.step(scaled_closure(model, optimizer, scaler, x, y), grad_scaler=scaler)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    steps_before = [int(base.state[p]["step"]) for p in model.parameters()]
+
+    optimizer.step(scaled_closure(model, optimizer, scaler, x, y, infinite_on_call=infinite_pass), grad_scaler=scaler)
+    scaler.update()
+
+    assert optimizer.last_step.skipped
+    assert optimizer.step_count == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert [int(base.state[p]["step"]) for p in model.parameters()] == steps_before
+    assert scaler.get_scale() == 2.0**9  # backed off once
+
+    optimizer.step(scaled_closure(model, optimizer, scaler, x, y), grad_scaler=scaler)
+    scaler.update()
+    assert not optimizer.last_step.skipped
+    assert optimizer.step_count == 2

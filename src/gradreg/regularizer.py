@@ -450,7 +450,7 @@ class GradientRegularizer(Optimizer):
         return settings
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler: Optional[Any] = None) -> Any:  # type: ignore[override]
         """Run one GR step and return the closure's loss at theta.
 
         Args:
@@ -459,6 +459,12 @@ class GradientRegularizer(Optimizer):
                 calling ``backward()``. Loops that cannot pass a closure use
                 :meth:`first_step` and :meth:`second_step`; after :meth:`first_step`,
                 ``step()`` without a closure finishes the step like :meth:`second_step`.
+            grad_scaler: a ``torch.amp.GradScaler`` for fp16 training. The closure then
+                calls ``grad_scaler.scale(loss).backward()``. Each pass's gradient is
+                unscaled as soon as it exists, so the perturbation, the mixing and the
+                clipping see true gradients. A non-finite gradient in either pass skips
+                the update with theta restored, and the scaler records it. Call
+                ``grad_scaler.update()`` once after this method, as usual.
         """
         if closure is None and self._pending is not None:
             # Trainers that call optimizer.step() after their own backward pass.
@@ -472,6 +478,11 @@ class GradientRegularizer(Optimizer):
             )
         if self._pending is not None:
             raise RuntimeError("A step started with first_step() is pending: call second_step() before step().")
+        scale = 1.0
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if self.mode == "exact":
+                raise ValueError("grad_scaler works with mode='finite_difference' only; use bf16 autocast with mode='exact'.")
+            scale = float(grad_scaler.get_scale())
         t, r_t, alpha_t, gr_step, settings = self._schedule_step()
 
         if self.mode == "exact":
@@ -484,6 +495,7 @@ class GradientRegularizer(Optimizer):
             rng_before = _RNGState(cuda_devices)
             with self._no_sync(), torch.enable_grad():
                 loss = closure()
+            F.scale_([p.grad for ps in groups for p in ps if p.grad is not None], 1.0 / scale)
             if self._distributed() and self.perturbation == "global":
                 F.all_reduce_mean_([p.grad for ps in groups for p in ps if p.grad is not None])
             pending = self._begin_finite_difference(settings, gr_step)
@@ -494,13 +506,14 @@ class GradientRegularizer(Optimizer):
                 with self._no_sync(), _FrozenNormStatistics(self.model), torch.enable_grad():
                     perturbed_loss = closure()
                 rng_after_first.restore()
+                F.scale_([p.grad for p in pending.with_grad if p.grad is not None], 1.0 / scale)
             result = self._finish_finite_difference(pending, settings)
             result.loss, result.perturbed_loss = loss, perturbed_loss
             if self._distributed() and (pending.run_second or self.perturbation == "local"):
                 F.all_reduce_mean_([p.grad for p in result.params])
                 if result.decoupled_terms is not None:
                     F.all_reduce_mean_(result.decoupled_terms)
-        self._update(result, t, r_t, alpha_t, gr_step)
+        self._update(result, t, r_t, alpha_t, gr_step, grad_scaler, scale)
         return result.loss
 
     @torch.no_grad()
@@ -563,9 +576,18 @@ class GradientRegularizer(Optimizer):
         gr_step = drawn_gr and not (r_t == 0.0 and alpha_t == 0.0)
         return t, r_t, alpha_t, gr_step, self._group_settings(r_t, alpha_t)
 
-    def _update(self, result: "_GradientResult", t: int, r_t: float, alpha_t: float, gr_step: bool) -> None:
+    def _update(
+        self, result: "_GradientResult", t: int, r_t: float, alpha_t: float, gr_step: bool,
+        grad_scaler: Optional[Any] = None, scale: float = 1.0,
+    ) -> None:
         """Clip what the optimizer receives, check it, step the optimizer and record the step."""
         received = [p.grad for p in result.params]
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            # Hand the scaler a scaled gradient so that its own unscale_ records the
+            # non-finite check for update(). Scales are powers of two by default, so
+            # multiplying and dividing again is exact.
+            F.scale_(received, scale)
+            grad_scaler.unscale_(self.base_optimizer)
         before_clip = float(F.global_norm(received))
         factor = F.clip_coefficient(before_clip, self.max_grad_norm)
         F.scale_(received, factor)
@@ -576,7 +598,10 @@ class GradientRegularizer(Optimizer):
                 t, result.first_norm, before_clip,
             )
         else:
-            self.base_optimizer.step()
+            if grad_scaler is not None and grad_scaler.is_enabled():
+                grad_scaler.step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
             if result.decoupled_terms is not None:
                 self._apply_decoupled_terms(result.params, result.decoupled_terms)
             self.step_count += 1
