@@ -18,7 +18,7 @@ SHARED_DIR = REPOSITORY_ROOT.parent / "shared"
 
 def _folder_from_env(variable: str, default: Path) -> Path:
     value = os.environ.get(variable)
-    return Path(value) if value else default
+    return (Path(value) if value else default).resolve()
 
 
 @pytest.fixture(scope="session")

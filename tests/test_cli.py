@@ -125,3 +125,34 @@ def test_shipped_configs_are_valid():
     assert len(paths) == 31
     for path in paths:
         load_config_file(path).validate()
+
+
+def test_yaml_max_grad_norm_zero_turns_clipping_off(tmp_path):
+    path = tmp_path / "run.yaml"
+    for value in ("0", "none", "off"):
+        path.write_text(f"max_grad_norm: {value}\n")
+        assert load_config_file(path).max_grad_norm is None
+
+
+def test_gr_warmup_longer_than_run_raises():
+    with pytest.raises(ValueError, match="Invalid gr_warmup_epochs: 5 is more than epochs \\(1\\)"):
+        config_from_mapping({"epochs": 1, "warmup_epochs": 0, "gr_warmup_epochs": 5}).validate()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_unsupported_device_exits_with_message(tmp_path, caplog, device):
+    exit_code = main(["train", "--device", device, "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path / "run")])
+    assert exit_code == 2
+    assert f"Invalid device: '{device}'" in caplog.text
+
+
+def test_out_that_is_a_file_exits_with_message(tmp_path, caplog):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(["train", "--epochs", "1", "--warmup-epochs", "0", "--out", str(path)]) == 2
+    assert "is a file" in caplog.text
+
+
+def test_verbose_flag_after_subcommand():
+    args = build_parser().parse_args(["train", "-v"])
+    assert args.verbose is True

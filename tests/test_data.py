@@ -43,7 +43,7 @@ def _real_data_dir() -> Path | None:
     candidates.append(REPO_ROOT.parent / "shared" / "data" / "cifar10")
     for candidate in candidates:
         if (candidate / "train.npz").is_file() and (candidate / "test.npz").is_file():
-            return candidate
+            return candidate.resolve()  # absolute, so that symbolic links to it work anywhere
     return None
 
 

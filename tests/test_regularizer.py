@@ -647,3 +647,17 @@ def test_two_call_misuse_raises():
     exact = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=1.0, mode="exact")
     with pytest.raises(ValueError, match="mode='finite_difference' only"):
         exact.first_step()
+
+
+@pytest.mark.parametrize("seed", ["a", -1, 1.5, True])
+def test_invalid_seed_raises(seed):
+    with pytest.raises(ValueError, match="Invalid seed"):
+        GradientRegularizer(torch.optim.SGD(make_mlp().parameters(), lr=0.1), r=0.1, alpha=0.5, seed=seed)
+
+
+def test_schedule_returning_non_pair_raises():
+    model = make_mlp()
+    x, y = make_batch()
+    optimizer = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5, warmup=lambda step: "x")
+    with pytest.raises(ValueError, match="returned 'x'. A schedule returns a pair"):
+        optimizer.step(make_closure(model, optimizer, x, y))

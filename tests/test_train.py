@@ -23,7 +23,7 @@ STEP_KEYS = {"step", "lr", "r", "alpha", "lam", "gr_applied", "grad_norm_first",
 def small_config(cifar10_dir, out, **overrides) -> TrainConfig:
     values = dict(
         model="vit_micro",
-        data_dir=str(cifar10_dir),
+        data_dir=str(cifar10_dir) if cifar10_dir is not None else None,
         train_subset=400,
         test_subset=200,
         epochs=2,
@@ -210,3 +210,45 @@ def test_torchrun_two_processes(cifar10_dir, tmp_path):
     # One metrics line per step, so only rank 0 wrote.
     steps = [r["step"] for r in records if r["kind"] == "step"]
     assert steps == sorted(set(steps))
+
+
+def test_dataset_and_data_mismatch_raises(cifar10_dir, tmp_path):
+    config = small_config(cifar10_dir, tmp_path / "run", dataset="cifar100", train_subset=None, test_subset=None)
+    with pytest.raises(ValueError, match="labels in .* span 10 classes, not 100"):
+        train_module.train(config)
+
+
+def test_batch_larger_than_subset_raises(cifar10_dir, tmp_path):
+    config = small_config(cifar10_dir, tmp_path / "run", train_subset=100, batch_size=128)
+    with pytest.raises(ValueError, match="Invalid batch_size: 128 is more than the 100 training images"):
+        train_module.train(config)
+
+
+def test_corrupt_checkpoint_raises_clear_error(cifar10_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="Invalid checkpoint .* cannot be read"):
+        train_module.train(small_config(cifar10_dir, out, resume=True))
+
+
+def test_resume_reuses_data_dir(cifar10_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = small_config(cifar10_dir, out, epochs=2, train_subset=100, test_subset=50)
+    real_evaluate = train_module.evaluate
+    calls = []
+
+    def evaluate_then_interrupt(model, loader):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(model, loader)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.delenv("GRADREG_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no cache folder to fall back on
+    summary = train_module.train(small_config(None, out, epochs=2, train_subset=100, test_subset=50, resume=True))
+    assert summary["finished"]

@@ -21,6 +21,10 @@ def _write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp creates the file readable by its owner only; give it the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         with os.fdopen(descriptor, mode) as handle:
             write(handle)
@@ -44,7 +48,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Dict[str, An
     NOTE: ``weights_only=False`` unpickles arbitrary objects (the generator states and
     the config), so load only checkpoints you wrote yourself.
     """
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch.load raises several types for a damaged file
+        raise ValueError(
+            f"Invalid checkpoint {path}: it cannot be read ({type(error).__name__}: {error}). "
+            "Delete it to start the run again, or choose another --out."
+        ) from error
 
 
 def to_json_value(value: Any) -> Any:

@@ -60,8 +60,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data-dir",
         default=S,
-        help="folder with train.npz/test.npz or the CIFAR python-version folder "
-        "(default: $GRADREG_DATA_DIR, else ~/.cache/gradreg/<dataset>, downloaded with torchvision when missing)",
+        help="folder with train.npz/test.npz or the CIFAR python-version folder (default: $GRADREG_DATA_DIR, "
+        "else ~/.cache/gradreg/<dataset>, where a missing dataset is downloaded with torchvision)",
     )
     data.add_argument("--download", action="store_true", default=S, help="download with torchvision into --data-dir when no files are there")
     data.add_argument("--train-subset", type=int, metavar="N", default=S, help="train on a seeded class-balanced subset of N images")
@@ -164,7 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         summary = train(config)
     except KeyboardInterrupt:
-        logger.error("Interrupted. The last finished epoch is saved, so run the same command with --resume to continue.")
+        logger.error("Interrupted. Every finished epoch is saved in %s; run the same command with --resume to continue.", out)
         return 130
     print(
         f"final_test_error={summary['final_test_error']:.4f} best_test_error={summary['best_test_error']:.4f} out={out}"
@@ -206,15 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradreg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # -v also works after the sub-command, as in "gradreg train -v".
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    train_parser = commands.add_parser("train", help="train one model with one GR variant", description=__doc__)
+    train_parser = commands.add_parser(
+        "train",
+        parents=[verbose],
+        help="train one model with one GR variant",
+        description="Train a Vision Transformer on CIFAR with gradient regularization. Settings come from "
+        "the defaults (the reference recipe), then --config FILE, then the flags given here, which win.",
+    )
     add_train_arguments(train_parser)
     train_parser.set_defaults(handler=run_train)
 
     study_parser = commands.add_parser(
         "study",
+        parents=[verbose],
         help="run arms x seeds and compare them",
         description="Run every arm of a study config for every seed, skip finished runs, resume "
         "interrupted ones, and write results.csv, results.md and plots into the study folder.",
@@ -230,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_parser = commands.add_parser(
         "report",
+        parents=[verbose],
         help="tables and plots from finished runs",
         description="Collect the runs below the given folders (from gradreg study or gradreg train), group "
         "them by arm, and write results.csv, results.md and PNG plots.",

@@ -108,6 +108,11 @@ class TrainConfig:
             )
         if self.gr_warmup_epochs is not None:
             _check_int("gr_warmup_epochs", self.gr_warmup_epochs, minimum=0)
+            if self.gr_warmup_epochs > self.epochs:
+                raise ValueError(
+                    f"Invalid gr_warmup_epochs: {self.gr_warmup_epochs} is more than epochs ({self.epochs}), "
+                    "so GR would never run. Use a GR warmup no longer than the run."
+                )
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
@@ -199,6 +204,8 @@ def _coerce(key: str, value: Any) -> Any:
     field_type = {field.name: field.type for field in dataclasses.fields(TrainConfig)}[key]
     if value is None:
         return None
+    if key == "max_grad_norm" and (value == 0 or str(value).lower() in ("none", "off")):
+        return None  # as on the command line, 0 or none turns clipping off
     if "float" in str(field_type) and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)

@@ -174,7 +174,8 @@ def create_model(
       and bias to zero, so every initial logit is exactly 0.
 
     Any other name goes to ``timm.create_model(name, pretrained=False,
-    num_classes=num_classes, **overrides)``. The rates are passed there only
+    num_classes=num_classes, **overrides)``, with ``img_size=32`` added when the
+    model's constructor accepts it. The rates are passed there only
     when given and then keep timm's meaning. For timm's own models
     ``drop_rate`` is usually the classifier dropout alone.
 
@@ -222,4 +223,11 @@ def create_model(
         kwargs["attn_drop_rate"] = attn_drop_rate
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
+    if "img_size" not in kwargs:
+        # Models built for a fixed input size (ViT, DeiT, Swin, ...) take img_size and
+        # then accept 32x32 CIFAR images; convolutional networks reject the keyword.
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=32, **kwargs)
+        except TypeError:
+            pass
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)

@@ -329,6 +329,8 @@ class GradientRegularizer(Optimizer):
             raise ValueError(f"Invalid gr_probability: {gr_probability!r}. Use a number in (0, 1].")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} is not a torch.nn.Module.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"Invalid seed: {seed!r}. Use an integer >= 0, or None.")
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}. Use 'finite_difference' or 'exact'.")
         if penalty not in PENALTIES:
@@ -413,7 +415,10 @@ class GradientRegularizer(Optimizer):
     def gr_values(self, step: Optional[int] = None) -> Tuple[float, float]:
         """Return the schedule's (r_t, alpha_t) for ``step`` (default: the next step)."""
         t = self.step_count if step is None else step
-        r_t, alpha_t = self.schedule(t)
+        values = self.schedule(t)
+        if not isinstance(values, (tuple, list)) or len(values) != 2:
+            raise ValueError(f"The GR schedule at step {t} returned {values!r}. A schedule returns a pair (r, alpha).")
+        r_t, alpha_t = values
         validate_gr_values(r_t, alpha_t, source=f"the GR schedule at step {t}")
         return float(r_t), float(alpha_t)
 

@@ -14,6 +14,7 @@ One call of :func:`train` runs one configuration into one output folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -104,14 +105,16 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"Invalid device: {name!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {name!r}. gradreg train runs on 'cpu' or 'cuda' devices.")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {name!r}, but CUDA is not available on this machine. Use --device cpu.")
+        raise ValueError(f"Invalid device: {name!r}. CUDA is not available on this machine, so use --device cpu.")
     return device
 
 
 def build_data(config: TrainConfig, device: torch.device):
     """Load the train and test splits and return their loaders."""
-    from .data import BatchLoader, class_balanced_subset, load_cifar, resolve_data_dir
+    from .data import NUM_CLASSES, BatchLoader, class_balanced_subset, load_cifar, resolve_data_dir
 
     folder, chosen_by_user = resolve_data_dir(config.data_dir, name=config.dataset)
     # Download only into the default cache folder, or when the user asks for it.
@@ -120,8 +123,19 @@ def build_data(config: TrainConfig, device: torch.device):
     test_set = load_cifar(config.dataset, folder, split="test", download=download)
     if config.train_subset is not None and config.train_subset < len(train_set):
         train_set = class_balanced_subset(train_set, config.train_subset, seed=config.seed)
+    classes = int(train_set.labels.max()) + 1
+    if classes != NUM_CLASSES[config.dataset]:
+        raise ValueError(
+            f"Invalid data for dataset {config.dataset}: the labels in {folder} span {classes} classes, "
+            f"not {NUM_CLASSES[config.dataset]}. Point --data-dir at the {config.dataset} files or change --dataset."
+        )
     if config.test_subset is not None and config.test_subset < len(test_set):
         test_set = class_balanced_subset(test_set, config.test_subset, seed=config.seed)
+    if config.batch_size > len(train_set):
+        raise ValueError(
+            f"Invalid batch_size: {config.batch_size} is more than the {len(train_set)} training images, so an "
+            "epoch would have no step. Lower --batch-size or raise --train-subset."
+        )
     logger.info("Data: %s from %s, %d train and %d test images", config.dataset, folder, len(train_set), len(test_set))
 
     train_loader = BatchLoader(
@@ -253,8 +267,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     """
     config.validate()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Invalid out: {out} is a file. Pass a folder for the run's outputs.")
     out.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(out / "train.log")
+    file_handler = logging.FileHandler(out / "train.log", delay=True)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("gradreg")
     package_logger.addHandler(file_handler)
@@ -277,6 +293,9 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
             )
         checkpoint = load_checkpoint(checkpoint_path)
         _check_resumable(config, checkpoint["config"], checkpoint_path)
+        if config.data_dir is None and checkpoint["config"].get("data_dir"):
+            # A resumed run reads the data from where the interrupted one did.
+            config = dataclasses.replace(config, data_dir=checkpoint["config"]["data_dir"])
         if checkpoint["epoch"] >= config.epochs and (out / SUMMARY_NAME).exists():
             logger.info("Run in %s has already finished all %d epochs, so there is nothing to train.", out, config.epochs)
             return read_summary(out)
