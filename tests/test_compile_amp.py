@@ -138,3 +138,31 @@ def test_grad_scaler_infinite_pass_skips_and_backs_off(infinite_pass):
     scaler.update()
     assert not optimizer.last_step.skipped
     assert optimizer.step_count == 2
+
+
+def test_two_call_grad_scaler_equals_closure_step():
+    x, y = batch()
+    closure_model, split_model = make_model().eval(), make_model().eval()
+    closure_optimizer = GradientRegularizer(torch.optim.AdamW(closure_model.parameters(), lr=1e-2), r=0.05, alpha=0.5)
+    split_optimizer = GradientRegularizer(torch.optim.AdamW(split_model.parameters(), lr=1e-2), r=0.05, alpha=0.5)
+    closure_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    split_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    for _ in range(3):
+        closure_optimizer.step(scaled_closure(closure_model, closure_optimizer, closure_scaler, x, y), grad_scaler=closure_scaler)
+        closure_scaler.update()
+
+        split_optimizer.zero_grad()
+        split_scaler.scale(nn.functional.cross_entropy(split_model(x), y)).backward()
+        assert split_optimizer.first_step(grad_scaler=split_scaler)
+        split_scaler.scale(nn.functional.cross_entropy(split_model(x), y)).backward()
+        split_optimizer.second_step(grad_scaler=split_scaler)
+        split_scaler.update()
+    for actual, expected in zip(split_model.parameters(), closure_model.parameters()):
+        assert torch.equal(actual, expected)
+
+    split_optimizer.zero_grad()
+    nn.functional.cross_entropy(split_model(x), y).backward()
+    split_optimizer.first_step()
+    with pytest.raises(ValueError, match="same grad_scaler"):
+        split_optimizer.second_step(grad_scaler=split_scaler)

@@ -305,8 +305,8 @@ def _not_found_message(name: str, split: str, folder: Path, searched: list[str])
         f"  - put train.npz and test.npz (keys 'images' (N, 32, 32, 3) uint8, 'labels' (N,)) "
         f"into {folder},",
         f"  - put the python-version folder {_PYTHON_FOLDER[name]}/ into {folder},",
-        f"  - set {DATA_DIR_ENV} to a folder that contains either of them,",
-        "  - or pass --download (download=True) to fetch it with torchvision.",
+        f"  - pass another folder that contains either of them (--data-dir, or {DATA_DIR_ENV} without it),",
+        "  - or download it with torchvision (--download on the command line, download=True in Python).",
     ]
     return "\n".join(lines)
 

@@ -483,11 +483,9 @@ class GradientRegularizer(Optimizer):
             )
         if self._pending is not None:
             raise RuntimeError("A step started with first_step() is pending: call second_step() before step().")
-        scale = 1.0
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            if self.mode == "exact":
-                raise ValueError("grad_scaler works with mode='finite_difference' only; use bf16 autocast with mode='exact'.")
-            scale = float(grad_scaler.get_scale())
+        if grad_scaler is not None and grad_scaler.is_enabled() and self.mode == "exact":
+            raise ValueError("grad_scaler works with mode='finite_difference' only; use bf16 autocast with mode='exact'.")
+        scale = _scale_of(grad_scaler)
         t, r_t, alpha_t, gr_step, settings = self._schedule_step()
 
         if self.mode == "exact":
@@ -522,7 +520,7 @@ class GradientRegularizer(Optimizer):
         return result.loss
 
     @torch.no_grad()
-    def first_step(self) -> bool:
+    def first_step(self, grad_scaler: Optional[Any] = None) -> bool:
         """Start a GR step from the gradients already in ``p.grad``; return whether a second pass is needed.
 
         For loops that cannot pass a closure (gradient accumulation over micro-batches,
@@ -540,29 +538,40 @@ class GradientRegularizer(Optimizer):
         backward pass: :meth:`second_step` then uses g2 = g1. Unlike :meth:`step`, the
         caller is responsible for dropout randomness and normalisation statistics in the
         second pass. Only ``mode="finite_difference"`` is supported.
+
+        With fp16 and a ``torch.amp.GradScaler``, call ``scaler.scale(loss).backward()``
+        in both passes and pass the scaler to both calls: ``first_step(grad_scaler=scaler)``
+        and ``second_step(grad_scaler=scaler)``, then ``scaler.update()``.
         """
         if self.mode == "exact":
             raise ValueError("first_step() works with mode='finite_difference' only; use step(closure) for mode='exact'.")
         if self._pending is not None:
             raise RuntimeError("first_step() was called twice: call second_step() to finish the pending step.")
+        scale = _scale_of(grad_scaler)
         t, r_t, alpha_t, gr_step, settings = self._schedule_step()
+        F.scale_([p.grad for ps in self._params_by_group() for p in ps if p.grad is not None], 1.0 / scale)
         pending = self._begin_finite_difference(settings, gr_step)
-        self._pending = (pending, t, r_t, alpha_t, gr_step, settings)
+        self._pending = (pending, t, r_t, alpha_t, gr_step, settings, scale)
         return pending.run_second
 
     @torch.no_grad()
-    def second_step(self, loss: Any = None, perturbed_loss: Any = None) -> None:
+    def second_step(self, loss: Any = None, perturbed_loss: Any = None, grad_scaler: Optional[Any] = None) -> None:
         """Finish the step begun by :meth:`first_step`, with g2 in ``p.grad``.
 
-        ``loss`` and ``perturbed_loss`` are only recorded in :attr:`last_step`.
+        ``loss`` and ``perturbed_loss`` are only recorded in :attr:`last_step`. Pass the
+        same ``grad_scaler`` as to :meth:`first_step`.
         """
         if self._pending is None:
             raise RuntimeError("second_step() needs a pending step: call first_step() first.")
-        pending, t, r_t, alpha_t, gr_step, settings = self._pending
+        pending, t, r_t, alpha_t, gr_step, settings, scale = self._pending
+        if _scale_of(grad_scaler) != scale:
+            raise ValueError("second_step() needs the same grad_scaler as first_step(), or none in both.")
         self._pending = None
+        if pending.run_second:
+            F.scale_([p.grad for p in pending.with_grad if p.grad is not None], 1.0 / scale)
         result = self._finish_finite_difference(pending, settings)
         result.loss, result.perturbed_loss = loss, perturbed_loss if pending.run_second else None
-        self._update(result, t, r_t, alpha_t, gr_step)
+        self._update(result, t, r_t, alpha_t, gr_step, grad_scaler, scale)
 
     def _distributed(self) -> bool:
         """True when the model is a DistributedDataParallel module in a group of several ranks."""
@@ -852,6 +861,13 @@ class GradientRegularizer(Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.step_count = int(own["step_count"])
         self.generator.set_state(own["generator_state"])
+
+
+def _scale_of(grad_scaler: Optional[Any]) -> float:
+    """The loss scale of an enabled GradScaler, else 1."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return 1.0
+    return float(grad_scaler.get_scale())
 
 
 def _to_float(value: Any) -> float:
