@@ -864,7 +864,7 @@ class GradientRegularizer(Optimizer):
 
 
 def _scale_of(grad_scaler: Optional[Any]) -> float:
-    """The loss scale of an enabled GradScaler, else 1."""
+    """Return the loss scale of an enabled GradScaler, else 1."""
     if grad_scaler is None or not grad_scaler.is_enabled():
         return 1.0
     return float(grad_scaler.get_scale())
