@@ -97,6 +97,8 @@ class _GradientResult:
     closure_calls: int = 1
     decoupled_terms: Optional[List[Tensor]] = None
     gr_term_norm: float = 0.0
+    received_norm: Optional[float] = None
+    """||p.grad|| when it is already known (g = g2 at alpha = 1), to save a pass."""
 
 
 @dataclasses.dataclass
@@ -602,7 +604,10 @@ class GradientRegularizer(Optimizer):
             # multiplying and dividing again is exact.
             F.scale_(received, scale)
             grad_scaler.unscale_(self.base_optimizer)
-        before_clip = float(F.global_norm(received))
+        if result.received_norm is not None and not self._distributed():
+            before_clip = result.received_norm
+        else:
+            before_clip = float(F.global_norm(received))
         factor = F.clip_coefficient(before_clip, self.max_grad_norm)
         F.scale_(received, factor)
         skipped = not math.isfinite(before_clip) or not math.isfinite(result.gr_term_norm)
@@ -719,6 +724,8 @@ class GradientRegularizer(Optimizer):
                 F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=coefficient)
         if result.decoupled_terms is not None:
             result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
+        elif all(alpha == 1.0 for _, alpha, _ in settings) and self.first_gradient == "raw":
+            result.received_norm = result.second_norm  # SAM: the mixed gradient is g2 itself
         return result
 
     def _mix_without_second_pass(self, grouped, settings, gr_step: bool, direction_norm: float, result) -> None:
