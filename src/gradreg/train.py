@@ -274,9 +274,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("gradreg")
     package_logger.addHandler(file_handler)
+    # The file gets INFO messages even when the application logs only warnings.
+    previous_level = package_logger.level
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
     try:
         return _train(config)
     finally:
+        package_logger.setLevel(previous_level)
         package_logger.removeHandler(file_handler)
         file_handler.close()
 
