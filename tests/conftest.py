@@ -35,3 +35,29 @@ def golden_dir() -> Path:
     if not (folder / "common.npz").is_file():
         pytest.skip(f"golden files not found in {folder}; set GRADREG_GOLDEN_DIR to the folder with common.npz")
     return folder
+
+
+@pytest.fixture
+def interrupt_evaluation(monkeypatch):
+    """Return a function that makes the n-th test-set evaluation raise KeyboardInterrupt.
+
+    It simulates a run killed after its checkpoint of epoch n - 1 was written. Calling
+    the returned ``restore()`` puts the real evaluation back.
+    """
+    from gradreg import train as train_module
+
+    real_evaluate = train_module.evaluate
+
+    def install(on_call: int):
+        calls = []
+
+        def evaluate_then_interrupt(model, loader):
+            calls.append(1)
+            if len(calls) == on_call:
+                raise KeyboardInterrupt
+            return real_evaluate(model, loader)
+
+        monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+        return lambda: monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+
+    return install

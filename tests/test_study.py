@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from gradreg import train as train_module
 from gradreg.cli import main
 from gradreg.report import aggregate
 from gradreg.study import DEFAULT_ARMS, StudyConfig, load_study_config, run_study
@@ -64,23 +63,14 @@ def test_two_arm_study_writes_outputs_and_report_rebuilds(cifar10_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes(cifar10_dir, tmp_path, monkeypatch, caplog):
+def test_interrupted_study_resumes(cifar10_dir, tmp_path, caplog, interrupt_evaluation):
     out = tmp_path / "study"
     study = small_study(cifar10_dir, out, train={**small_study(cifar10_dir, out).train, "epochs": 2})
 
-    real_evaluate = train_module.evaluate
-    calls = []
-
-    def evaluate_then_interrupt(model, loader):
-        calls.append(1)
-        if len(calls) == 4:  # the second run's second epoch
-            raise KeyboardInterrupt
-        return real_evaluate(model, loader)
-
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    restore = interrupt_evaluation(on_call=4)  # the second run's second epoch
     with pytest.raises(KeyboardInterrupt):
         run_study(study)
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    restore()
     assert json.loads((out / "zero_warmup" / "seed_0" / "summary.json").read_text())["epochs_completed"] == 1
 
     caplog.set_level("INFO")

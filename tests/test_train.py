@@ -84,24 +84,15 @@ def test_cli_trains_below_chance(cifar10_dir, tmp_path, capsys):
     assert all(s["gr_applied"] for s in steps if s["step"] >= steps_per_epoch)
 
 
-def test_resume_matches_uninterrupted_run(cifar10_dir, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(cifar10_dir, tmp_path, interrupt_evaluation):
     full = train_module.train(small_config(cifar10_dir, tmp_path / "full"))
 
     # Interrupt the second run during its second epoch's evaluation.
-    real_evaluate = train_module.evaluate
-    calls = []
-
-    def failing_evaluate(model, loader):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(model, loader)
-
-    monkeypatch.setattr(train_module, "evaluate", failing_evaluate)
+    restore = interrupt_evaluation(on_call=2)
     interrupted_out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         train_module.train(small_config(cifar10_dir, interrupted_out))
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    restore()
 
     summary_after_crash = json.loads((interrupted_out / "summary.json").read_text())
     assert summary_after_crash["epochs_completed"] == 1
@@ -232,22 +223,13 @@ def test_corrupt_checkpoint_raises_clear_error(cifar10_dir, tmp_path):
         train_module.train(small_config(cifar10_dir, out, resume=True))
 
 
-def test_resume_reuses_data_dir(cifar10_dir, tmp_path, monkeypatch):
+def test_resume_reuses_data_dir(cifar10_dir, tmp_path, monkeypatch, interrupt_evaluation):
     out = tmp_path / "run"
     config = small_config(cifar10_dir, out, epochs=2, train_subset=100, test_subset=50)
-    real_evaluate = train_module.evaluate
-    calls = []
-
-    def evaluate_then_interrupt(model, loader):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(model, loader)
-
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    restore = interrupt_evaluation(on_call=2)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(config)
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    restore()
     monkeypatch.delenv("GRADREG_DATA_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no cache folder to fall back on
     summary = train_module.train(small_config(None, out, epochs=2, train_subset=100, test_subset=50, resume=True))
