@@ -164,7 +164,7 @@ def test_exact_zero_warmup_is_plain_step():
 # Per-group settings.
 
 
-def test_excluded_group_is_not_perturbed_and_normalisation_uses_perturbed_only():
+def test_excluded_group_stays_unperturbed():
     model = tanh_net()
     x, y = batch()
     weights = [model[0].weight, model[2].weight]

@@ -52,7 +52,9 @@ def test_two_arm_study_writes_outputs_and_report_rebuilds(cifar10_dir, tmp_path,
     # The stats records feed the warmup plot.
     records = [json.loads(line) for line in open(out / "gr" / "seed_0" / "metrics.jsonl")]
     stats = [r for r in records if r["kind"] == "stats"]
-    assert stats and "psi_var" in stats[0]["global"] and "v_drift" in stats[0]["global"]
+    assert stats
+    assert "psi_var" in stats[0]["global"]
+    assert "v_drift" in stats[0]["global"]
 
     rebuilt = tmp_path / "rebuilt"
     assert main(["report", str(out), "--out", str(rebuilt)]) == 0

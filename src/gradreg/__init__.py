@@ -1,7 +1,7 @@
 """gradreg: gradient regularization (GR) and GR warmup for PyTorch optimizers.
 
 The core needs only torch: :class:`GradientRegularizer` wraps any ``torch.optim``
-optimizer, and :mod:`gradreg.warmup` holds the GR warmup schedules. The training
+optimizer, and :mod:`gradreg.warmup` contains the GR warmup schedules. The training
 command line (``gradreg train``) needs the ``vision`` extra (timm, torchvision).
 """
 

@@ -1,7 +1,7 @@
 """Atomic file writes and the JSON-lines metrics log of a run folder.
 
 A crash or a kill at any moment leaves either the previous or the new version of a
-checkpoint or summary, never a partial file: each write goes to a temporary file in the
+checkpoint or summary, never a partial file. Each write goes to a temporary file in the
 same folder, is flushed to disk, and then replaces the target with ``os.replace``.
 """
 
