@@ -102,10 +102,10 @@ class Recorder:
         self.scheduler.step()
 
 
-def assert_tensors_close(actual, expected, what, **tolerance):
+def assert_tensors_close(actual, expected, label, **tolerance):
     assert len(actual) == len(expected)
     for index, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, msg=lambda m: f"{what}, tensor {index}: {m}", **tolerance)
+        torch.testing.assert_close(a, e, msg=lambda m: f"{label}, tensor {index}: {m}", **tolerance)
 
 
 def _shared_golden_dir() -> Path:
@@ -164,16 +164,16 @@ def test_warmup_step_matches_reference(golden_dir, name):
             recorder.step()
             unclipped.step()
 
-            what = f"{name} at count {count}"
+            label = f"{name} at count {count}"
             stats = recorder.optimizer.last_step
-            assert stats.r == pytest.approx(float(arrays["metric.r"][index]), rel=1e-6, abs=1e-7), what
-            assert stats.alpha == pytest.approx(float(arrays["metric.alpha"][index]), rel=1e-6, abs=1e-7), what
+            assert stats.r == pytest.approx(float(arrays["metric.r"][index]), rel=1e-6, abs=1e-7), label
+            assert stats.alpha == pytest.approx(float(arrays["metric.alpha"][index]), rel=1e-6, abs=1e-7), label
             expected_ref = as_torch_layout(arrays, "grad_ref", index)
-            assert_tensors_close(recorder.closure_grads[0], expected_ref, f"{what} g1", **GRAD_TOLERANCE)
+            assert_tensors_close(recorder.closure_grads[0], expected_ref, f"{label} g1", **GRAD_TOLERANCE)
             expected_mixed = as_torch_layout(arrays, "grad_preclip", index)
-            assert_tensors_close(unclipped.received[0], expected_mixed, f"{what} mixed", **GRAD_TOLERANCE)
+            assert_tensors_close(unclipped.received[0], expected_mixed, f"{label} mixed", **GRAD_TOLERANCE)
             expected_clipped = as_torch_layout(arrays, "grad_postclip", index)
-            assert_tensors_close(recorder.received[0], expected_clipped, f"{what} clipped", **GRAD_TOLERANCE)
+            assert_tensors_close(recorder.received[0], expected_clipped, f"{label} clipped", **GRAD_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", _cases("C_traj_*"))
@@ -186,24 +186,24 @@ def test_trajectory_matches_reference(golden_dir, name):
         assert num_steps == 12
 
         for step in range(num_steps):
-            what = f"{name} ({first_gradient}) step {step}"
+            label = f"{name} ({first_gradient}) step {step}"
             lr_used = recorder.base.param_groups[0]["lr"]
-            assert lr_used == pytest.approx(float(arrays["lr_used_in_step"][step]), abs=1e-8), what
+            assert lr_used == pytest.approx(float(arrays["lr_used_in_step"][step]), abs=1e-8), label
             recorder.step()
 
             stats = recorder.optimizer.last_step
-            assert stats.gr_applied == bool(arrays["used_gr_step"][step]) or settings["gnp.r"] == 0.0, what
-            assert stats.grad_norm_before_clip == pytest.approx(float(arrays["metric.gradient_norm"][step]), rel=1e-5), what
+            assert stats.gr_applied == bool(arrays["used_gr_step"][step]) or settings["gnp.r"] == 0.0, label
+            assert stats.grad_norm_before_clip == pytest.approx(float(arrays["metric.gradient_norm"][step]), rel=1e-5), label
             logged_loss = stats.perturbed_loss if stats.gr_applied else stats.loss
-            assert logged_loss == pytest.approx(float(arrays["metric.train_loss"][step]), rel=1e-5), what
-            assert stats.loss == pytest.approx(float(arrays["loss_before_step"][step]), rel=1e-5), what
+            assert logged_loss == pytest.approx(float(arrays["metric.train_loss"][step]), rel=1e-5), label
+            assert stats.loss == pytest.approx(float(arrays["loss_before_step"][step]), rel=1e-5), label
 
-            assert_tensors_close(recorder.received[step], as_torch_layout(arrays, "grad_postclip", step), f"{what} clipped", **GRAD_TOLERANCE)
-            assert_tensors_close([p.detach() for p in params], as_torch_layout(arrays, "params_after_step", step), f"{what} params", **PARAM_TOLERANCE)
+            assert_tensors_close(recorder.received[step], as_torch_layout(arrays, "grad_postclip", step), f"{label} clipped", **GRAD_TOLERANCE)
+            assert_tensors_close([p.detach() for p in params], as_torch_layout(arrays, "params_after_step", step), f"{label} params", **PARAM_TOLERANCE)
             exp_avg = [recorder.base.state[p]["exp_avg"] for p in params]
             exp_avg_sq = [recorder.base.state[p]["exp_avg_sq"] for p in params]
-            assert_tensors_close(exp_avg, as_torch_layout(arrays, "adam_mu_after_step", step), f"{what} Adam m", **GRAD_TOLERANCE)
-            assert_tensors_close(exp_avg_sq, as_torch_layout(arrays, "adam_nu_after_step", step), f"{what} Adam v", rtol=5e-5, atol=1e-12)
+            assert_tensors_close(exp_avg, as_torch_layout(arrays, "adam_mu_after_step", step), f"{label} Adam m", **GRAD_TOLERANCE)
+            assert_tensors_close(exp_avg_sq, as_torch_layout(arrays, "adam_nu_after_step", step), f"{label} Adam v", rtol=5e-5, atol=1e-12)
 
         assert recorder.optimizer.step_count == int(arrays["adam_count_final"])
         assert_tensors_close([p.detach() for p in params], as_torch_layout(arrays, "params_final"), f"{name} final params", **PARAM_TOLERANCE)

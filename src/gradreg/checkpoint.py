@@ -121,6 +121,6 @@ def truncate_metrics(path: str | Path, keep: Callable[[Dict[str, Any]], bool]) -
     path = Path(path)
     if not path.exists():
         return
-    kept: Iterable[Dict[str, Any]] = [record for record in read_metrics(path) if keep(record)]
-    text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in kept)
+    kept_records: Iterable[Dict[str, Any]] = [record for record in read_metrics(path) if keep(record)]
+    text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in kept_records)
     _write_atomic(path, lambda handle: handle.write(text), "w")

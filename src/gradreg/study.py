@@ -12,8 +12,8 @@ A study config is plain data::
       adamw: {r: 0.0, alpha: 0.0, gr_warmup: none}
       zero_warmup: {gr_warmup: zero}
 
-Every arm of one seed trains from the same initial weights and sees the same batches
-in the same order, because both depend only on the seed. Runs go one after the other;
+Every arm of one seed trains from the same initial weights and receives the same
+batches in the same order, because both depend only on the seed. Runs go one after the other;
 running the command again skips finished runs and resumes interrupted ones. A run that
 fails is logged and recorded in ``study.json`` and the others go on. At the end the
 tables and plots of :mod:`gradreg.report` are written into ``out``.
