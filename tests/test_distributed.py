@@ -96,3 +96,73 @@ def test_local_perturbation_differs_but_parameters_agree(tmp_path):
 def test_invalid_perturbation_raises():
     with pytest.raises(ValueError, match="Invalid perturbation: 'ring'"):
         GradientRegularizer(torch.optim.SGD(make_model().parameters(), lr=0.1), r=0.1, alpha=1.0, perturbation="ring")
+
+
+def _rng_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    from gradreg.train import DistributedContext, _rng_state, restore_rng_state
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        context = DistributedContext()
+        context.world_size, context.rank = world_size, rank
+        torch.manual_seed(1000 * rank)
+        checkpoint = {"rng_by_rank": context.gather(_rng_state())}
+        uninterrupted = torch.rand(4)
+        torch.manual_seed(12345)  # a resumed process starts from another state
+        restore_rng_state(checkpoint, context)
+        resumed = torch.rand(4)
+        torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "states": len(checkpoint["rng_by_rank"])},
+                   os.path.join(out_dir, f"rng{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_restores_every_ranks_random_state(tmp_path):
+    mp.spawn(_rng_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rng{rank}.pt") for rank in range(2)]
+    assert [r["states"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert torch.equal(r["resumed"], r["uninterrupted"])
+    assert not torch.equal(ranks[0]["uninterrupted"], ranks[1]["uninterrupted"])
+
+
+def test_resume_with_another_process_count_warns(caplog):
+    from gradreg.train import DistributedContext, _rng_state, restore_rng_state
+
+    context = DistributedContext()
+    context.world_size, context.rank = 3, 1
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    checkpoint = {"rng": _rng_state(), "rng_by_rank": [_rng_state(), _rng_state()]}
+    torch.manual_seed(99)
+    with caplog.at_level("WARNING", logger="gradreg.train"):
+        restore_rng_state(checkpoint, context)
+    assert "random state of 2 process(es) but this run has 3" in caplog.text
+    assert not torch.equal(torch.rand(3), expected)  # the fresh seed stays
+
+
+def test_single_process_checkpoint_without_per_rank_states_restores():
+    from gradreg.train import DistributedContext, _rng_state, restore_rng_state
+
+    torch.manual_seed(5)
+    checkpoint = {"rng": _rng_state()}
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    restore_rng_state(checkpoint, DistributedContext())
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_subtraction_restore_with_local_perturbation_raises(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = make_model()
+        module = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="Invalid restore: 'subtract' with perturbation='local'"):
+            GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5, model=module,
+                                restore="subtract")
+        GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5, model=module,
+                            restore="subtract", perturbation="global")
+    finally:
+        dist.destroy_process_group()

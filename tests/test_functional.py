@@ -31,6 +31,13 @@ def test_global_dot_matches_flat_dot():
     assert float(F.global_dot(first, second)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_displacement_dot_matches_flat_dot():
+    moved, origin, other = tensors(0), tensors(1), tensors(2)
+    expected = float(torch.dot(flat(moved) - flat(origin), flat(other)))
+    assert float(F.displacement_dot(moved, origin, other)) == pytest.approx(expected, rel=1e-12)
+    assert float(F.displacement_dot([], [], [])) == 0.0
+
+
 def test_perturbation_scale_guards():
     assert F.perturbation_scale(0.1, 2.0) == 0.05
     assert F.perturbation_scale(0.1, 0.0) == 0.0

@@ -422,6 +422,7 @@ def test_unused_parameters_are_left_alone():
         (dict(gr_probability=0.0), "gr_probability"),
         (dict(gr_probability=1.5), "gr_probability"),
         (dict(model="net"), "model"),
+        (dict(restore="none"), "restore"),
     ],
 )
 def test_invalid_argument_raises(kwargs, argument):

@@ -58,6 +58,25 @@ def global_dot(first: Sequence[Tensor], second: Sequence[Tensor]) -> Tensor:
     return torch.stack(products).sum()
 
 
+@torch.no_grad()
+def displacement_dot(moved: Sequence[Tensor], origin: Sequence[Tensor], other: Sequence[Tensor]) -> Tensor:
+    """Return (moved - origin) . other over all tensors, without a full-size temporary.
+
+    The GR step uses it for g1 . g2 when it keeps theta but not g1:
+    theta' - theta = (r / ||g1||) g1. The difference is formed one tensor at a time, so
+    the extra memory is the largest tensor, not all of them. It cancels digits: its
+    relative error is about the float precision times |theta| / |theta' - theta|.
+    """
+    if len(moved) == 0:
+        return torch.zeros((), dtype=torch.float32)
+    device, dtype = moved[0].device, _accumulation_dtype(moved)
+    products = [
+        torch.dot((a - b).reshape(-1).to(dtype), c.reshape(-1).to(dtype)).to(device)
+        for a, b, c in zip(moved, origin, other)
+    ]
+    return torch.stack(products).sum()
+
+
 def perturbation_scale(radius: float, gradient_norm: float) -> float:
     """Return r / ||g1||, the factor that moves theta a distance r along g1.
 
@@ -81,7 +100,7 @@ def backup_parameters(params: Sequence[Tensor]) -> List[Tensor]:
 @torch.no_grad()
 def perturb_parameters_(params: Sequence[Tensor], direction: Sequence[Tensor], scale: float) -> None:
     """Move theta to theta + scale * direction in place (the ascent step of GR and SAM)."""
-    if scale != 0.0:
+    if scale != 0.0 and len(params) > 0:
         torch._foreach_add_(list(params), list(direction), alpha=scale)
 
 

@@ -23,6 +23,7 @@ FIRST_GRADIENT_MODES = ("raw", "normalized")
 MODES = ("finite_difference", "exact")
 PENALTIES = ("norm", "squared_norm")
 PERTURBATIONS = ("local", "global")
+RESTORES = ("auto", "copy", "subtract")
 GROUP_KEYS = ("gr_r", "gr_alpha", "gr_perturb")
 """Parameter-group keys read by the regularizer: the group's target r and alpha, and
 whether its parameters are moved by the perturbation (default True)."""
@@ -73,7 +74,10 @@ class GRStepStats:
     grad_norm_first: float
     grad_norm_second: float
     cosine: float
-    """cos(g1, g2)."""
+    """cos(g1, g2). Where the step keeps theta but not g1 (alpha = 1), g1 . g2 is read
+    from the displacement theta' - theta. Its relative error is then at most about the
+    float precision times |theta| / |theta' - theta|, an estimate of 1e-4 for float32
+    weights moved by 0.1% of their size."""
     grad_norm_before_clip: float
     grad_norm_after_clip: float
     skipped: bool
@@ -107,12 +111,16 @@ class _PendingStep:
 
     grouped: List[List[Tensor]]
     with_grad: List[Tensor]
-    first_grads: List[Tensor]
+    first_by_param: Dict[Tensor, Tensor]
+    """g1 of the parameters whose g1 is still needed; after the perturbation only those."""
     first_norm: float
     direction_norm: float
     gr_step: bool
     run_second: bool
-    backup: Optional[List[Tensor]] = None
+    scales: Optional[List[float]] = None
+    """The perturbation factor r / ||g1|| of each group (0 for a group that is not moved)."""
+    backups: Optional[List[Optional[List[Tensor]]]] = None
+    """Per group, the copy of theta for an exact restore, or None where theta is restored by subtraction."""
 
 
 class _RNGState:
@@ -243,6 +251,17 @@ class GradientRegularizer(Optimizer):
             after its step as theta <- theta - lr * d, outside its preconditioner.
             Clipping applies to g1. An alternative to GR warmup: Adam's moments then
             never see the GR term.
+        perturbation: with a DistributedDataParallel ``model``, ``"local"`` or
+            ``"global"`` (see below).
+        restore: how theta is put back after the second pass. ``"copy"`` keeps a copy
+            of theta and restores it bit for bit. ``"subtract"`` computes
+            theta' - r g1/||g1|| from g1, which saves the copy at the cost of one
+            rounding per coordinate. ``"auto"`` (default) copies where the step does
+            not need g1 anyway (alpha = 1), for 16-bit parameters, and under DDP with
+            ``perturbation="local"`` (where ranks would round differently), and
+            subtracts otherwise. A float32 step then keeps one parameter-sized buffer
+            beyond the gradients during the second pass, and a copy with alpha < 1
+            keeps two.
 
     Distributed data parallel: when ``model`` is a
     :class:`~torch.nn.parallel.DistributedDataParallel` module, :meth:`step` runs both
@@ -265,7 +284,8 @@ class GradientRegularizer(Optimizer):
     dropout and drop-path masks because the CPU and CUDA generator states are replayed.
 
     Non-finite and zero gradients: a non-finite ||g1|| or a non-finite mixed gradient
-    skips the update. The parameters keep their values, the wrapped optimizer is not
+    skips the update. The parameters keep their values (with ``restore="subtract"``,
+    and with ``"auto"`` at alpha < 1, to within one rounding), the wrapped optimizer is not
     stepped, the step counter does not advance, and ``last_step.skipped`` is True.
     A zero ||g1|| is a valid point with no perturbation direction: the second pass is
     skipped, g2 = g1, and the normalised first gradient is taken as zero. Neither case
@@ -303,6 +323,7 @@ class GradientRegularizer(Optimizer):
         penalty: str = "norm",
         decoupled: bool = False,
         perturbation: str = "local",
+        restore: str = "auto",
     ) -> None:
         if isinstance(optimizer, GradientRegularizer):
             raise ValueError("Invalid optimizer: it is already a GradientRegularizer. Wrap the plain optimizer once.")
@@ -348,6 +369,14 @@ class GradientRegularizer(Optimizer):
             )
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"Invalid perturbation: {perturbation!r}. Use 'local' or 'global'.")
+        if restore not in RESTORES:
+            raise ValueError(f"Invalid restore: {restore!r}. Use 'auto', 'copy' or 'subtract'.")
+        if restore == "subtract" and perturbation == "local" and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "Invalid restore: 'subtract' with perturbation='local' on a DistributedDataParallel model "
+                "lets the ranks' parameters drift apart, because each rank rounds theta' - r g1/||g1|| with "
+                "its own g1. Use restore='auto' or 'copy', or perturbation='global'."
+            )
         for group in optimizer.param_groups:
             validate_group_settings(group)
 
@@ -370,6 +399,7 @@ class GradientRegularizer(Optimizer):
         self.penalty = penalty
         self.decoupled = decoupled
         self.perturbation = perturbation
+        self.restore = restore
 
         self.step_count = 0
         # An OrderedDict because RemovableHandle keeps a weak reference to it.
@@ -410,7 +440,8 @@ class GradientRegularizer(Optimizer):
             f"GradientRegularizer(r={self.r}, alpha={self.alpha}, warmup={self.warmup!r}, "
             f"warmup_steps={self.warmup_steps}, first_gradient={self.first_gradient!r}, "
             f"max_grad_norm={self.max_grad_norm}, gr_probability={self.gr_probability}, mode={self.mode!r}, "
-            f"penalty={self.penalty!r}, decoupled={self.decoupled},\n"
+            f"penalty={self.penalty!r}, decoupled={self.decoupled}, perturbation={self.perturbation!r}, "
+            f"restore={self.restore!r},\n"
             f"  base_optimizer={self.base_optimizer!r})"
         )
 
@@ -657,71 +688,132 @@ class GradientRegularizer(Optimizer):
             hook(self, with_grad, first_grads, first_norm)
         return first_norm
 
+    def _keeps_first_gradient(self, params: List[Tensor], setting: Tuple[float, float, bool]) -> bool:
+        """Return True when a group's g1 must live on through the second pass.
+
+        It must when the mixing uses it (alpha < 1, ``first_gradient="normalized"``,
+        decoupled GR), and for a group that is not moved, whose g1 cannot be read back
+        from the displacement for cos(g1, g2). A moved SAM group (alpha = 1) needs only
+        its copy of theta.
+        """
+        r, alpha, moved = setting
+        if self.restore == "subtract":
+            return True
+        return alpha != 1.0 or self.first_gradient == "normalized" or self.decoupled or not moved or r == 0.0
+
+    def _restores_by_copy(self, params: List[Tensor], keeps_first: bool) -> bool:
+        """Return True when a moved group keeps a copy of theta (exact restore) instead of subtracting r g1/||g1||."""
+        if self.restore == "copy" or not keeps_first:
+            return True
+        if self.restore == "subtract":
+            return False
+        if self._distributed() and self.perturbation == "local":
+            # Each rank would subtract its own g1 and round differently, so the replicas would drift apart.
+            return True
+        return any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
+
     def _begin_finite_difference(self, settings, gr_step: bool) -> "_PendingStep":
         """Read g1 from ``p.grad`` and, when a second pass will change the result, perturb theta.
 
-        The first gradients stay alive in the returned record because ``p.grad`` is set
-        to None afterwards, so the second backward pass writes fresh tensors even if the
-        caller zeroes gradients in place.
+        Memory: each moved group keeps one parameter-sized buffer through the second
+        pass, either the copy of theta (SAM groups, and 16-bit parameters) or g1 (which
+        the mixing needs, and from which theta is restored by subtraction). ``p.grad``
+        is set to None afterwards, so the second backward pass writes fresh tensors even
+        if the caller zeroes gradients in place.
         """
         grouped = [[p for p in ps if p.grad is not None] for ps in self._params_by_group()]
         with_grad = [p for ps in grouped for p in ps]
         first_grads = [p.grad for p in with_grad]
         first_norm = self._first_pass_done(with_grad, first_grads)
+        del first_grads
 
         # The unit direction is taken over the perturbed groups only.
         perturbed = [p.grad for ps, (_, _, on) in zip(grouped, settings) if on for p in ps]
         direction_norm = float(F.global_norm(perturbed)) if len(perturbed) < len(with_grad) else first_norm
+        del perturbed
         moves = any(on and r > 0.0 and ps for ps, (r, _, on) in zip(grouped, settings))
         mixes = any(alpha > 0.0 and ps for ps, (_, alpha, _) in zip(grouped, settings))
         run_second = gr_step and math.isfinite(first_norm) and direction_norm > 0.0 and moves and mixes
 
-        pending = _PendingStep(grouped, with_grad, first_grads, first_norm, direction_norm, gr_step, run_second)
-        if run_second:
-            pending.backup = F.backup_parameters(with_grad)
-            for ps, (r, _, on) in zip(grouped, settings):
-                if on and ps:
-                    F.perturb_parameters_(ps, [p.grad for p in ps], r / direction_norm)
-            for p in with_grad:
+        first_by_param = {p: p.grad for p in with_grad}
+        pending = _PendingStep(grouped, with_grad, first_by_param, first_norm, direction_norm, gr_step, run_second)
+        if not run_second:
+            return pending
+
+        pending.scales, pending.backups = [], []
+        for ps, setting in zip(grouped, settings):
+            r, _, on = setting
+            scale = r / direction_norm if on else 0.0
+            keeps_first = self._keeps_first_gradient(ps, setting)
+            backup = None
+            if scale != 0.0 and ps and self._restores_by_copy(ps, keeps_first):
+                backup = F.backup_parameters(ps)
+            F.perturb_parameters_(ps, [p.grad for p in ps], scale)
+            pending.scales.append(scale)
+            pending.backups.append(backup)
+            for p in ps:
+                if not keeps_first:
+                    del first_by_param[p]
                 p.grad = None
         return pending
 
     def _finish_finite_difference(self, pending: "_PendingStep", settings) -> "_GradientResult":
         """Restore theta and mix g1 with the g2 now in ``p.grad``, group by group, into ``p.grad``."""
-        with_grad, first_grads = pending.with_grad, pending.first_grads
+        with_grad, first_by_param = pending.with_grad, pending.first_by_param
         result = _GradientResult(params=with_grad, loss=None, first_norm=pending.first_norm)
         if not pending.run_second:
             self._mix_without_second_pass(pending.grouped, settings, pending.gr_step, pending.direction_norm, result)
             return result
-        F.restore_parameters_(with_grad, pending.backup)
-        pending.backup = None
 
-        first_by_param = dict(zip(with_grad, first_grads))
         for p in with_grad:
             if p.grad is None:
                 # A parameter unused at the perturbed point has a zero gradient there.
-                p.grad = torch.zeros_like(first_by_param[p])
+                p.grad = torch.zeros_like(p)
         second_grads = [p.grad for p in with_grad]
         result.gr_applied, result.closure_calls = True, 2
         result.second_norm = float(F.global_norm(second_grads))
+
+        # g1 . g2, group by group: from g1 where it was kept, else from the displacement
+        # theta' - theta = scale * g1, before theta is restored.
+        dot = 0.0
+        for ps, scale, backup in zip(pending.grouped, pending.scales, pending.backups):
+            if not ps:
+                continue
+            seconds = [p.grad for p in ps]
+            if ps[0] in first_by_param:
+                dot += float(F.global_dot([first_by_param[p] for p in ps], seconds))
+            else:
+                dot += float(F.displacement_dot(ps, backup, seconds)) / scale
         if pending.first_norm * result.second_norm > 0:
-            result.cosine = float(F.global_dot(first_grads, second_grads)) / (pending.first_norm * result.second_norm)
+            result.cosine = dot / (pending.first_norm * result.second_norm)
+
+        for ps, scale, backup in zip(pending.grouped, pending.scales, pending.backups):
+            if backup is not None:
+                F.restore_parameters_(ps, backup)
+            elif scale != 0.0:
+                F.perturb_parameters_(ps, [first_by_param[p] for p in ps], -scale)
+        pending.backups = None
 
         if self.decoupled:
             result.decoupled_terms = []
         for ps, (_, alpha, _) in zip(pending.grouped, settings):
             if not ps:
                 continue
-            firsts, seconds = [first_by_param[p] for p in ps], [p.grad for p in ps]
+            seconds = [p.grad for p in ps]
             if self.decoupled:
                 # The optimizer receives g1; the GR term alpha * (g2 - g1) is applied after its step.
+                firsts = [first_by_param[p] for p in ps]
                 F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=-alpha)
                 result.decoupled_terms += seconds
                 for p, first in zip(ps, firsts):
                     p.grad = first
+                continue
+            coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, pending.direction_norm)
+            if coefficient == 0.0:
+                F.mix_gradients_(seconds, [], alpha=alpha, first_coefficient=0.0)
             else:
-                coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, pending.direction_norm)
-                F.mix_gradients_(seconds, firsts, alpha=alpha, first_coefficient=coefficient)
+                F.mix_gradients_(seconds, [first_by_param[p] for p in ps], alpha=alpha, first_coefficient=coefficient)
+        first_by_param.clear()
         if result.decoupled_terms is not None:
             result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
         elif all(alpha == 1.0 for _, alpha, _ in settings) and self.first_gradient == "raw":
@@ -732,12 +824,15 @@ class GradientRegularizer(Optimizer):
         """Apply the mixing rule with g2 = g1, for steps where the second pass would not change it.
 
         In raw mode g = (1 - alpha) g1 + alpha g1 = g1, so nothing is done, which keeps a
-        step with r = 0 or alpha = 0 bit-identical to the plain optimizer.
+        step with r = 0 or alpha = 0 bit-identical to the plain optimizer. The optimizer
+        then receives g1, whose norm is known, so clipping needs no second norm pass.
         """
         if self.decoupled:
             result.decoupled_terms = None
+            result.received_norm = result.first_norm
             return
         if not gr_step or self.first_gradient == "raw" or not math.isfinite(result.first_norm):
+            result.received_norm = result.first_norm
             return
         for ps, (_, alpha, _) in zip(grouped, settings):
             coefficient = F.first_gradient_coefficient(alpha, self.first_gradient, direction_norm)
@@ -848,6 +943,7 @@ class GradientRegularizer(Optimizer):
                 "penalty": self.penalty,
                 "decoupled": self.decoupled,
                 "perturbation": self.perturbation,
+                "restore": self.restore,
             },
         }
 

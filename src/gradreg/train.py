@@ -21,7 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -69,6 +69,16 @@ class DistributedContext:
 
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+
+    def gather(self, value: Any) -> List[Any]:
+        """Return every rank's ``value``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def sum(self, values: list) -> list:
         """Sum a list of numbers over the ranks."""
@@ -216,6 +226,25 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng_state(checkpoint: Dict[str, Any], context: "DistributedContext") -> None:
+    """Put back this rank's random state from a checkpoint written by :func:`_train_on_device`.
+
+    The checkpoint contains one state per rank (``rng_by_rank``), so a resumed
+    multi-process run draws the same dropout masks on every rank as an uninterrupted
+    one. A checkpoint from another number of processes cannot give that: each rank then
+    keeps its fresh seed and a warning says so.
+    """
+    states = checkpoint.get("rng_by_rank") or [checkpoint["rng"]]
+    if len(states) == context.world_size:
+        _set_rng_state(states[context.rank])
+        return
+    logger.warning(
+        "The checkpoint contains the random state of %d process(es) but this run has %d, so dropout masks "
+        "after the resume differ from those of an uninterrupted run. Resume with %d processes to repeat them.",
+        len(states), context.world_size, len(states),
+    )
+
+
 def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: Path) -> None:
     current = config.to_dict()
     different = sorted(
@@ -347,8 +376,6 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
     if context.world_size > 1:
         module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         # Ranks draw different dropout masks; the weights came from the same seed.
-        # NOTE: the checkpoint keeps rank 0's random state only, so a resumed multi-process
-        # run draws other dropout masks on the other ranks than an uninterrupted one.
         torch.manual_seed(config.seed + 1000 * context.rank)
     steps_per_epoch = len(train_loader)
     optimizer, scheduler = build_optimization(config, model, steps_per_epoch, module=module)
@@ -359,7 +386,7 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"])
+        restore_rng_state(checkpoint, context)
         diagnostics.load_state_dict(checkpoint["diagnostics"])
         init_checksum = checkpoint["init_checksum"]
         start_epoch = checkpoint["epoch"]
@@ -453,6 +480,7 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
                 "world_size": context.world_size,
                 "gradreg_version": __version__,
             }
+            rng_by_rank = context.gather(_rng_state())
             if not context.is_main:
                 continue
             save_checkpoint(
@@ -461,7 +489,8 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
+                    "rng": rng_by_rank[0],
+                    "rng_by_rank": rng_by_rank,
                     "diagnostics": diagnostics.state_dict(),
                     "init_checksum": init_checksum,
                     "best_test_error": best_error,
