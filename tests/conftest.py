@@ -51,11 +51,11 @@ def interrupt_evaluation(monkeypatch):
     def install(on_call: int):
         calls = []
 
-        def evaluate_then_interrupt(model, loader):
+        def evaluate_then_interrupt(*args, **kwargs):
             calls.append(1)
             if len(calls) == on_call:
                 raise KeyboardInterrupt
-            return real_evaluate(model, loader)
+            return real_evaluate(*args, **kwargs)
 
         monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
         return lambda: monkeypatch.setattr(train_module, "evaluate", real_evaluate)

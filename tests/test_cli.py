@@ -52,6 +52,13 @@ def test_max_grad_norm_can_be_turned_off():
     assert parse(["--max-grad-norm", "2"]).max_grad_norm == 2.0
 
 
+def test_precision_and_compile_flags():
+    config = parse(["--precision", "bf16", "--compile", "true"])
+    assert config.precision == "bf16"
+    assert config.compile is True
+    assert parse([]).precision == "fp32"
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

@@ -234,3 +234,56 @@ def test_resume_reuses_data_dir(cifar10_dir, tmp_path, monkeypatch, interrupt_ev
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no cache folder to fall back on
     summary = train_module.train(small_config(None, out, epochs=2, train_subset=100, test_subset=50, resume=True))
     assert summary["finished"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes(cifar10_dir, tmp_path, interrupt_evaluation, precision):
+    settings = dict(precision=precision, train_subset=100, test_subset=50, gr_warmup="none")
+    full = train_module.train(small_config(cifar10_dir, tmp_path / "full", **settings))
+    assert full["finished"]
+    assert full["final_train_loss"] < 2.5  # ln 10 = 2.30 at the start; a broken scaler gives NaN or inf
+
+    restore = interrupt_evaluation(on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(small_config(cifar10_dir, tmp_path / "resumed", **settings))
+    restore()
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    if precision == "fp16":
+        assert checkpoint["grad_scaler"]["scale"] > 0
+    else:
+        assert checkpoint["grad_scaler"] is None
+    resumed = train_module.train(small_config(cifar10_dir, tmp_path / "resumed", resume=True, **settings))
+    assert resumed["final_test_loss"] == full["final_test_loss"]
+
+
+def test_compile_runs_forward_through_torch_compile(cifar10_dir, tmp_path, monkeypatch):
+    real_compile = torch.compile
+    compiled_modules, graphs = [], []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def compile_with_counting_backend(module, **options):
+        compiled_modules.append(module)
+        return real_compile(module, backend=counting_backend)
+
+    monkeypatch.setattr(torch, "compile", compile_with_counting_backend)
+    summary = train_module.train(small_config(cifar10_dir, tmp_path / "run", compile=True, train_subset=200, test_subset=100))
+    assert summary["finished"]
+    assert len(compiled_modules) == 1
+    # 8 steps, most with two passes: the graph is compiled once, not once per pass or step.
+    assert 1 <= len(graphs) <= 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(precision="fp8"), "Invalid precision: 'fp8'"),
+        (dict(precision="fp16", gr_mode="exact"), "Invalid precision: 'fp16' needs gr_mode 'finite_difference'"),
+        (dict(compile="yes"), "Invalid compile: 'yes'"),
+    ],
+)
+def test_invalid_precision_or_compile_raises(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(None, tmp_path / "run", **overrides).validate()

@@ -21,6 +21,7 @@ from .config import (
     FIRST_GRADIENT_MODES,
     LR_SCHEDULES,
     OPTIMIZER_NAMES,
+    PRECISIONS,
     TrainConfig,
     config_from_mapping,
     load_config_file,
@@ -132,6 +133,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=S, help=f"seed of the weights, data order and augmentation (default: {d.seed})")
     run.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument(
+        "--precision", choices=PRECISIONS, default=S,
+        help="fp32; bf16 autocast; or fp16 autocast with a loss scaler (finite_difference only) (default: fp32)",
+    )
+    run.add_argument(
+        "--compile", type=_boolean, metavar="BOOL", default=S,
+        help="run the model's forward through torch.compile; the first steps then compile it (default: false)",
+    )
     run.add_argument("--out", default=S, help=f"output folder (default: {d.out})")
     run.add_argument("--log-every", type=int, default=S, help=f"write a step record every N optimizer steps; 0 turns them off (default: {d.log_every})")
     run.add_argument(

@@ -21,6 +21,7 @@ OPTIMIZER_NAMES = ("adamw", "adam", "rmsprop", "sgd")
 LR_SCHEDULES = ("warmup_cosine", "multiplicative", "constant")
 FIRST_GRADIENT_MODES = ("raw", "normalized")
 GR_MODES = ("finite_difference", "exact")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -70,6 +71,8 @@ class TrainConfig:
     # Run.
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
     out: str = "runs/train"
     log_every: int = 50
     stats_every: int = 100
@@ -95,6 +98,12 @@ class TrainConfig:
         _check_choice("first_gradient", self.first_gradient, FIRST_GRADIENT_MODES)
         _check_choice("gr_mode", self.gr_mode, GR_MODES)
         _check_choice("perturbation", self.perturbation, ("local", "global"))
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.precision == "fp16" and self.gr_mode == "exact":
+            raise ValueError(
+                "Invalid precision: 'fp16' needs gr_mode 'finite_difference', because the loss scaler cannot "
+                "follow a double backward pass. Use precision 'bf16' with gr_mode 'exact'."
+            )
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"Invalid model: {self.model!r}. Use a preset such as 'vit_ti' or a timm model name.")
 
@@ -138,7 +147,7 @@ class TrainConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        for name in ("download", "nesterov", "resume", "tensorboard", "decoupled"):
+        for name in ("download", "nesterov", "resume", "tensorboard", "decoupled", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}. Use true or false.")
         if self.first_gradient == "normalized" and (self.decoupled or self.gr_mode == "exact"):

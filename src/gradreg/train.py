@@ -40,7 +40,8 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 
 # Settings that may differ between an interrupted run and its resumption.
-_RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every", "tensorboard"}
+_RESUME_FREE_SETTINGS = {"resume", "out", "device", "data_dir", "download", "log_every", "tensorboard", "compile"}
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DistributedContext:
@@ -201,12 +202,16 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Tuple[float, float]:
-    """Return (mean cross-entropy, error rate) of the model over every batch of the loader."""
+def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
+    """Return (mean cross-entropy, error rate) of the model over every batch of the loader.
+
+    ``autocast_dtype`` (bfloat16 or float16) runs the forward pass under autocast.
+    """
     model.eval()
     total_loss, total_wrong, total = 0.0, 0, 0
     for images, labels in loader:
-        logits = model(images)
+        with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).float()
         total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         total_wrong += int((logits.argmax(dim=1) != labels).sum())
         total += labels.numel()
@@ -232,7 +237,7 @@ def restore_rng_state(checkpoint: Dict[str, Any], context: "DistributedContext")
     The checkpoint contains one state per rank (``rng_by_rank``), so a resumed
     multi-process run draws the same dropout masks on every rank as an uninterrupted
     one. A checkpoint from another number of processes cannot give that: each rank then
-    keeps its fresh seed and a warning says so.
+    keeps its fresh seed, and a warning is logged.
     """
     states = checkpoint.get("rng_by_rank") or [checkpoint["rng"]]
     if len(states) == context.world_size:
@@ -380,6 +385,7 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
     steps_per_epoch = len(train_loader)
     optimizer, scheduler = build_optimization(config, model, steps_per_epoch, module=module)
     diagnostics = GRDiagnostics(optimizer, model=model, stats_every=config.stats_every)
+    step_setup = _StepSetup.build(config, module, device)
 
     start_epoch, best_error, best_epoch, elapsed = 0, math.inf, 0, 0.0
     if checkpoint is not None:
@@ -388,6 +394,8 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
         scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng_state(checkpoint, context)
         diagnostics.load_state_dict(checkpoint["diagnostics"])
+        if step_setup.grad_scaler is not None and checkpoint.get("grad_scaler"):
+            step_setup.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         init_checksum = checkpoint["init_checksum"]
         start_epoch = checkpoint["epoch"]
         best_error, best_epoch = checkpoint["best_test_error"], checkpoint["best_epoch"]
@@ -421,11 +429,11 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
     with MetricsLog(out / METRICS_NAME) if context.is_main else _NullLog() as metrics:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
-            totals = _train_one_epoch(config, module, optimizer, scheduler, diagnostics, train_loader, epoch, metrics, writer, context)
+            totals = _train_one_epoch(config, step_setup, optimizer, scheduler, diagnostics, train_loader, epoch, metrics, writer, context)
             totals.combine(context)
             evaluated = epoch % config.eval_every == 0 or epoch == config.epochs
             if evaluated:
-                test_loss, test_error = evaluate(model, test_loader)
+                test_loss, test_error = evaluate(model, test_loader, step_setup.autocast_dtype)
             seconds = time.perf_counter() - started
             elapsed += seconds
 
@@ -492,6 +500,7 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
                     "rng": rng_by_rank[0],
                     "rng_by_rank": rng_by_rank,
                     "diagnostics": diagnostics.state_dict(),
+                    "grad_scaler": step_setup.grad_scaler.state_dict() if step_setup.grad_scaler is not None else None,
                     "init_checksum": init_checksum,
                     "best_test_error": best_error,
                     "best_epoch": best_epoch,
@@ -550,10 +559,37 @@ def _write_step(record: Dict[str, Any], epoch: int, metrics: MetricsLog, writer)
                 writer.add_scalar(f"optimizer/{key}", value, step)
 
 
-def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, epoch, metrics, writer, context) -> _EpochAccumulator:
+@dataclasses.dataclass
+class _StepSetup:
+    """Model call of a training step: the forward callable, the autocast type and the fp16 loss scaler."""
+
+    module: nn.Module
+    """The model or its DistributedDataParallel wrapper, for train() and eval()."""
+    forward: Any
+    """``module`` itself, or ``torch.compile(module)``."""
+    autocast_dtype: Optional[torch.dtype]
+    grad_scaler: Optional[Any]
+
+    @classmethod
+    def build(cls, config: TrainConfig, module: nn.Module, device: torch.device) -> "_StepSetup":
+        forward = torch.compile(module) if config.compile else module
+        grad_scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        return cls(module, forward, _AUTOCAST_DTYPES[config.precision], grad_scaler)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return the logits (float32) and the mean cross-entropy of one batch."""
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.forward(images).float()
+        return logits, nn.functional.cross_entropy(logits, labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+
+def _train_one_epoch(config, step_setup: _StepSetup, optimizer, scheduler, diagnostics, loader, epoch, metrics, writer, context) -> _EpochAccumulator:
     from tqdm.auto import tqdm
 
-    model.train()
+    step_setup.module.train()
     loader.set_epoch(epoch - 1)
     totals = _EpochAccumulator()
     progress = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if context.is_main else True,
@@ -567,15 +603,16 @@ def _train_one_epoch(config, model, optimizer, scheduler, diagnostics, loader, e
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
-            logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels)
+            logits, loss = step_setup.loss(images, labels)
             if config.gr_mode != "exact":  # exact mode differentiates the loss itself
-                loss.backward()
+                step_setup.backward(loss)
             if not first_logits:
                 first_logits.append(logits.detach())
             return loss
 
-        optimizer.step(closure)
+        optimizer.step(closure, grad_scaler=step_setup.grad_scaler)
+        if step_setup.grad_scaler is not None:
+            step_setup.grad_scaler.update()
         record = diagnostics.after_step()
         scheduler.step()
 
