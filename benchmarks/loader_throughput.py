@@ -91,8 +91,8 @@ def main() -> None:
         f"{len(dataset)} images, batch {args.batch_size}, device={device}, threads={torch.get_num_threads()}, "
         f"torch={torch.__version__}"
     )
-    print(f"loader: {loader_rate:,.0f} images/s (median of {args.epochs} epochs; range {min(loader_rates):,.0f} "
-          f"to {max(loader_rates):,.0f})")
+    epochs = f"{args.epochs} epoch" if args.epochs == 1 else f"median of {args.epochs} epochs"
+    print(f"loader: {loader_rate:,.0f} images/s ({epochs}; range {min(loader_rates):,.0f} to {max(loader_rates):,.0f})")
     print(f"{args.model} plain AdamW step: {plain_rate:,.0f} images/s; loader / training = {loader_rate / plain_rate:,.1f}")
     print(f"{args.model} GR step: {gr_rate:,.0f} images/s; loader / training = {loader_rate / gr_rate:,.1f}")
 

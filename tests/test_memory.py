@@ -91,13 +91,18 @@ def test_tracker_follows_backward_and_reset_peak():
         assert tracker.peak_bytes == tracker.live_bytes
 
 
-def test_tracker_filters_by_device_type():
-    with TensorMemoryTracker(device="cuda") as tracker:
+@pytest.mark.parametrize("device, counted", [("cuda", 0), ("cuda:0", 0), ("cpu", 4000), (torch.device("cpu"), 4000), (None, 4000)])
+def test_tracker_filters_by_device(device, counted):
+    with TensorMemoryTracker(device=device) as tracker:
         kept = torch.empty(1000)
-    assert tracker.peak_bytes == 0
+    assert tracker.peak_bytes == counted
     assert kept.numel() == 1000
-    with pytest.raises(ValueError, match="Invalid device: 0"):
-        TensorMemoryTracker(device=0)
+
+
+@pytest.mark.parametrize("device", ["gpu", "", 1.5])
+def test_tracker_invalid_device_raises(device):
+    with pytest.raises(ValueError, match="Invalid device"):
+        TensorMemoryTracker(device=device)
 
 
 # Memory of a GR step beyond a plain step.
@@ -149,9 +154,13 @@ def one_step_with_zero_learning_rate(dtype, **options):
     return before, [p.detach() for p in model.parameters()], optimizer.last_step
 
 
-@pytest.mark.parametrize("alpha, restore", [(1.0, "auto"), (0.5, "copy"), (1.0, "copy")])
-def test_restore_by_copy_is_bit_exact(alpha, restore):
-    before, after, _ = one_step_with_zero_learning_rate(torch.float32, alpha=alpha, restore=restore)
+@pytest.mark.parametrize(
+    "options",
+    [dict(alpha=1.0), dict(alpha=1.0, first_gradient="normalized"), dict(alpha=0.5, restore="copy"),
+     dict(alpha=1.0, restore="copy"), dict(alpha=0.5, decoupled=True, restore="copy")],
+)
+def test_restore_by_copy_is_bit_exact(options):
+    before, after, _ = one_step_with_zero_learning_rate(torch.float32, **options)
     for original, restored in zip(before, after):
         assert torch.equal(original, restored)
 

@@ -241,12 +241,14 @@ def test_mixed_precision_trains_and_resumes(cifar10_dir, tmp_path, interrupt_eva
     settings = dict(precision=precision, train_subset=100, test_subset=50, gr_warmup="none")
     full = train_module.train(small_config(cifar10_dir, tmp_path / "full", **settings))
     assert full["finished"]
+    assert full["precision"] == precision
     assert full["final_train_loss"] < 2.5  # ln 10 = 2.30 at the start; a broken scaler gives NaN or inf
 
     restore = interrupt_evaluation(on_call=2)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(small_config(cifar10_dir, tmp_path / "resumed", **settings))
     restore()
+    assert "Interrupted. Every finished epoch is saved" in (tmp_path / "resumed" / "train.log").read_text()
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     if precision == "fp16":
         assert checkpoint["grad_scaler"]["scale"] > 0
@@ -282,6 +284,7 @@ def test_compile_runs_forward_through_torch_compile(cifar10_dir, tmp_path, monke
         (dict(precision="fp8"), "Invalid precision: 'fp8'"),
         (dict(precision="fp16", gr_mode="exact"), "Invalid precision: 'fp16' needs gr_mode 'finite_difference'"),
         (dict(compile="yes"), "Invalid compile: 'yes'"),
+        (dict(compile=True, gr_mode="exact"), "Invalid compile: true with gr_mode 'exact'"),
     ],
 )
 def test_invalid_precision_or_compile_raises(tmp_path, overrides, message):

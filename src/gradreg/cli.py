@@ -135,7 +135,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument(
         "--precision", choices=PRECISIONS, default=S,
-        help="fp32; bf16 autocast; or fp16 autocast with a loss scaler (finite_difference only) (default: fp32)",
+        help="fp32; bf16 autocast; or fp16 autocast with a loss scaler (finite_difference only, and slow on CPUs) "
+        "(default: fp32)",
     )
     run.add_argument(
         "--compile", type=_boolean, metavar="BOOL", default=S,
@@ -173,8 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         summary = train(config)
     except KeyboardInterrupt:
-        logger.error("Interrupted. Every finished epoch is saved in %s; run the same command with --resume to continue.", out)
-        return 130
+        return 130  # train() has logged where the finished epochs are
     print(
         f"final_test_error={summary['final_test_error']:.4f} best_test_error={summary['best_test_error']:.4f} out={out}"
     )

@@ -150,6 +150,11 @@ class TrainConfig:
         for name in ("download", "nesterov", "resume", "tensorboard", "decoupled", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r}. Use true or false.")
+        if self.compile and self.gr_mode == "exact":
+            raise ValueError(
+                "Invalid compile: true with gr_mode 'exact'. A compiled backward pass cannot be differentiated "
+                "again, which exact GR needs. Use compile false, or gr_mode 'finite_difference'."
+            )
         if self.first_gradient == "normalized" and (self.decoupled or self.gr_mode == "exact"):
             raise ValueError(
                 "Invalid first_gradient: 'normalized' works with the coupled finite-difference step only. "

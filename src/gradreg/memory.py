@@ -38,18 +38,30 @@ class TensorMemoryTracker(TorchDispatchMode):
     inside it. Free them before entering (for example with ``zero_grad()``), so that
     the peak is not overstated. The dispatch mode follows the autograd engine into backward passes run
     from the same thread. Memory that operators allocate and free internally
-    (workspaces) is not seen; on CUDA, ``torch.cuda.max_memory_allocated`` sees it.
+    (workspaces) is not counted, but on CUDA ``torch.cuda.max_memory_allocated``
+    includes it.
+
+    NOTE: tensors made without an operator, such as ``torch.tensor([...])`` from Python
+    data and ``torch.from_numpy``, are not seen, and a storage that grows in place
+    (``resize_``) keeps the size it had when it was first counted.
 
     Args:
-        device: count only storages on this device type (for example ``"cpu"``);
-            ``None`` counts every device.
+        device: count only storages on this device: a ``torch.device`` or a string such
+            as ``"cpu"``, ``"cuda"`` (every CUDA device) or ``"cuda:1"``. ``None``
+            counts every device.
     """
 
-    def __init__(self, device: Optional[str] = None) -> None:
+    def __init__(self, device: "Optional[str | torch.device]" = None) -> None:
         super().__init__()
-        if device is not None and not isinstance(device, str):
-            raise ValueError(f"Invalid device: {device!r}. Use a device type such as 'cpu' or 'cuda', or None.")
-        self.device = device
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"Invalid device: {device!r}. Use a torch.device or a string such as 'cpu', 'cuda' or 'cuda:0', "
+                    "or None for every device."
+                ) from error
+        self.device: Optional[torch.device] = device
         self.live_bytes = 0
         self.peak_bytes = 0
         self._sizes: Dict[int, int] = {}
@@ -66,7 +78,10 @@ class TensorMemoryTracker(TorchDispatchMode):
             self._references.pop(key, None)
 
     def _record(self, tensor: torch.Tensor) -> None:
-        if self.device is not None and tensor.device.type != self.device:
+        if self.device is not None and (
+            tensor.device.type != self.device.type
+            or (self.device.index is not None and tensor.device.index != self.device.index)
+        ):
             return
         storage = tensor.untyped_storage()
         key = id(storage)

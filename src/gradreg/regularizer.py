@@ -256,9 +256,10 @@ class GradientRegularizer(Optimizer):
         restore: how theta is put back after the second pass. ``"copy"`` keeps a copy
             of theta and restores it bit for bit. ``"subtract"`` computes
             theta' - r g1/||g1|| from g1, which saves the copy at the cost of one
-            rounding per coordinate. ``"auto"`` (default) copies where the step does
-            not need g1 anyway (alpha = 1), for 16-bit parameters, and under DDP with
-            ``perturbation="local"`` (where ranks would round differently), and
+            rounding of theta' per coordinate, at most the float precision times
+            (|theta| + r). ``"auto"`` (default) copies where the step does not need
+            g1 anyway (alpha = 1, not decoupled), for 16-bit parameters, and under DDP
+            with ``perturbation="local"`` (where ranks would round differently), and
             subtracts otherwise. A float32 step then keeps one parameter-sized buffer
             beyond the gradients during the second pass, and a copy with alpha < 1
             keeps two.
@@ -284,8 +285,8 @@ class GradientRegularizer(Optimizer):
     dropout and drop-path masks because the CPU and CUDA generator states are replayed.
 
     Non-finite and zero gradients: a non-finite ||g1|| or a non-finite mixed gradient
-    skips the update. The parameters keep their values (with ``restore="subtract"``,
-    and with ``"auto"`` at alpha < 1, to within one rounding), the wrapped optimizer is not
+    skips the update. The parameters keep their values (to within one rounding where
+    theta is restored by subtraction, see ``restore``), the wrapped optimizer is not
     stepped, the step counter does not advance, and ``last_step.skipped`` is True.
     A zero ||g1|| is a valid point with no perturbation direction: the second pass is
     skipped, g2 = g1, and the normalised first gradient is taken as zero. Neither case
@@ -691,7 +692,7 @@ class GradientRegularizer(Optimizer):
     def _keeps_first_gradient(self, params: List[Tensor], setting: Tuple[float, float, bool]) -> bool:
         """Return True when a group's g1 must live on through the second pass.
 
-        It must when the mixing uses it (alpha < 1, ``first_gradient="normalized"``,
+        It must when the mixing uses it (alpha < 1 in either ``first_gradient`` mode,
         decoupled GR), and for a group that is not moved, whose g1 cannot be read back
         from the displacement for cos(g1, g2). A moved SAM group (alpha = 1) needs only
         its copy of theta.
@@ -699,7 +700,7 @@ class GradientRegularizer(Optimizer):
         r, alpha, moved = setting
         if self.restore == "subtract":
             return True
-        return alpha != 1.0 or self.first_gradient == "normalized" or self.decoupled or not moved or r == 0.0
+        return alpha != 1.0 or self.decoupled or not moved or r == 0.0
 
     def _restores_by_copy(self, params: List[Tensor], keeps_first: bool) -> bool:
         """Return True when a moved group keeps a copy of theta (exact restore) instead of subtracting r g1/||g1||."""

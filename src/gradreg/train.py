@@ -314,6 +314,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         package_logger.setLevel(logging.INFO)
     try:
         return _train(config)
+    except KeyboardInterrupt:
+        logger.error(
+            "Interrupted. Every finished epoch is saved in %s; run the same command with --resume "
+            "(resume=True in Python) to continue.", out,
+        )
+        raise
     finally:
         package_logger.setLevel(previous_level)
         package_logger.removeHandler(file_handler)
@@ -408,11 +414,13 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
         write_json(out / CONFIG_NAME, config.to_dict())
 
     logger.info(
-        "Training %s (%d parameters) on %s for %d epochs of %d steps: optimizer %s, lr %g, "
+        "Training %s (%d parameters) on %s (%s%s) for %d epochs of %d steps: optimizer %s, lr %g, "
         "GR r=%g alpha=%g warmup=%s over %d steps",
         config.model,
         sum(p.numel() for p in model.parameters()),
         device,
+        config.precision,
+        ", compiled" if config.compile else "",
         config.epochs,
         steps_per_epoch,
         config.optimizer,
@@ -485,6 +493,8 @@ def _train_on_device(config: TrainConfig, checkpoint: Optional[Dict[str, Any]], 
                 "init_checksum": init_checksum,
                 "wall_seconds": elapsed,
                 "device": str(device),
+                "precision": config.precision,
+                "compile": config.compile,
                 "world_size": context.world_size,
                 "gradreg_version": __version__,
             }
