@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPOSITORY_ROOT.parent / "shared"
@@ -27,6 +28,14 @@ def cifar10_dir() -> Path:
     if not (folder / "train.npz").is_file():
         pytest.skip(f"real CIFAR-10 not found in {folder}; set GRADREG_DATA_DIR to a folder with train.npz and test.npz")
     return folder
+
+
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+)
+def device(request) -> torch.device:
+    """Run the test on the CPU, and again on the GPU where one is present."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -49,16 +49,16 @@ def test_compiled_model_compiles_once():
     assert optimizer.last_step.gr_applied
 
 
-def test_bf16_autocast_step_is_close_to_fp32():
-    x, y = batch()
+def test_bf16_autocast_step_is_close_to_fp32(device):
+    x, y = (tensor.to(device) for tensor in batch())
     results = {}
     for precision in ("fp32", "bf16"):
-        model = make_model().eval()  # no dropout, so both precisions see the same function
+        model = make_model().eval().to(device)  # no dropout, so both precisions see the same function
         optimizer = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.05, alpha=1.0)
 
         def closure():
             optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(x)
             loss = nn.functional.cross_entropy(logits.float(), y)
             loss.backward()
@@ -86,13 +86,13 @@ def scaled_closure(model, optimizer, scaler, x, y, infinite_on_call=None):
     return closure
 
 
-def test_grad_scaler_step_equals_unscaled_step():
+def test_grad_scaler_step_equals_unscaled_step(device):
     """Power-of-two loss scales are exact, so the scaled GR step equals the plain fp32 one bit for bit."""
-    x, y = batch()
-    scaled_model, reference_model = make_model().eval(), make_model().eval()
+    x, y = (tensor.to(device) for tensor in batch())
+    scaled_model, reference_model = make_model().eval().to(device), make_model().eval().to(device)
     scaled = GradientRegularizer(torch.optim.AdamW(scaled_model.parameters(), lr=1e-2), r=0.05, alpha=0.5, max_grad_norm=0.5)
     reference = GradientRegularizer(torch.optim.AdamW(reference_model.parameters(), lr=1e-2), r=0.05, alpha=0.5, max_grad_norm=0.5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
 
     for _ in range(3):
         scaled.step(scaled_closure(scaled_model, scaled, scaler, x, y), grad_scaler=scaler)

@@ -265,9 +265,9 @@ def test_clipping_scales_to_max_norm():
 # Randomness and normalisation layers.
 
 
-def test_dropout_masks_identical_across_passes():
-    model = nn.Sequential(nn.Linear(5, 64), nn.Dropout(0.5), nn.Linear(64, 3)).double()
-    x, y = make_batch()
+def test_dropout_masks_identical_across_passes(device):
+    model = nn.Sequential(nn.Linear(5, 64), nn.Dropout(0.5), nn.Linear(64, 3)).double().to(device)
+    x, y = (tensor.to(device) for tensor in make_batch())
     masks = []
     model[1].register_forward_hook(lambda module, inputs, output: masks.append((output == 0) & (inputs[0] != 0)))
     optimizer = GradientRegularizer(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=1.0)
