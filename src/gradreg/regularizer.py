@@ -689,7 +689,7 @@ class GradientRegularizer(Optimizer):
             hook(self, with_grad, first_grads, first_norm)
         return first_norm
 
-    def _keeps_first_gradient(self, params: List[Tensor], setting: Tuple[float, float, bool]) -> bool:
+    def _keeps_first_gradient(self, setting: Tuple[float, float, bool]) -> bool:
         """Return True when a group's g1 must live on through the second pass.
 
         It must when the mixing uses it (alpha < 1 in either ``first_gradient`` mode,
@@ -745,7 +745,7 @@ class GradientRegularizer(Optimizer):
         for ps, setting in zip(grouped, settings):
             r, _, on = setting
             scale = r / direction_norm if on else 0.0
-            keeps_first = self._keeps_first_gradient(ps, setting)
+            keeps_first = self._keeps_first_gradient(setting)
             backup = None
             if scale != 0.0 and ps and self._restores_by_copy(ps, keeps_first):
                 backup = F.backup_parameters(ps)
@@ -817,8 +817,9 @@ class GradientRegularizer(Optimizer):
         first_by_param.clear()
         if result.decoupled_terms is not None:
             result.gr_term_norm = float(F.global_norm(result.decoupled_terms))
-        elif all(alpha == 1.0 for _, alpha, _ in settings) and self.first_gradient == "raw":
-            result.received_norm = result.second_norm  # SAM: the mixed gradient is g2 itself
+        elif all(alpha == 1.0 for _, alpha, _ in settings):
+            # SAM: the g1 coefficient is 0 in both first_gradient modes, so the mixed gradient is g2 itself.
+            result.received_norm = result.second_norm
         return result
 
     def _mix_without_second_pass(self, grouped, settings, gr_step: bool, direction_norm: float, result) -> None:
