@@ -91,18 +91,21 @@ def test_tracker_follows_backward_and_reset_peak():
         assert tracker.peak_bytes == tracker.live_bytes
 
 
-@pytest.mark.parametrize("device, counted", [("cuda", 0), ("cuda:0", 0), ("cpu", 4000), (torch.device("cpu"), 4000), (None, 4000)])
-def test_tracker_filters_by_device(device, counted):
-    with TensorMemoryTracker(device=device) as tracker:
-        kept = torch.empty(1000)
+@pytest.mark.parametrize(
+    "device_filter, counted",
+    [("cuda", 0), ("cuda:0", 0), ("cpu", 4000), (torch.device("cpu"), 4000), (None, 4000)],
+)
+def test_tracker_filters_by_device(device_filter, counted):
+    with TensorMemoryTracker(device=device_filter) as tracker:
+        cpu_tensor = torch.empty(1000)
     assert tracker.peak_bytes == counted
-    assert kept.numel() == 1000
+    assert cpu_tensor.numel() == 1000
 
 
-@pytest.mark.parametrize("device", ["gpu", "", 1.5])
-def test_tracker_invalid_device_raises(device):
+@pytest.mark.parametrize("device_filter", ["gpu", "", 1.5])
+def test_tracker_invalid_device_raises(device_filter):
     with pytest.raises(ValueError, match="Invalid device"):
-        TensorMemoryTracker(device=device)
+        TensorMemoryTracker(device=device_filter)
 
 
 # Memory of a GR step beyond a plain step.
